@@ -1,0 +1,29 @@
+"""fastdit: Triton and CUDA C++ kernels for diffusion transformers and diffusion ConvNets.
+
+Public ops take `backend=None | "triton" | "cuda" | "reference"`; `fastdit.backends()` reports what
+can run here. See README.md for the methods and their status.
+"""
+from fastdit._dispatch import BackendError, FastditNotice, available_backends, backend_status
+from fastdit.ops import linear_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "FastditNotice",
+    "available_backends",
+    "backend_status",
+    "backends",
+    "linear_attention",
+]
+
+
+def backends(device: str = None):
+    """{op: {backend: (available, reason)}} for `device` ("cpu"/"cuda"; default: this machine's)."""
+    import torch
+
+    from fastdit._registry import all_ops
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {spec.name: backend_status(spec.name, device) for spec in all_ops()}
