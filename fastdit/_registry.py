@@ -52,7 +52,14 @@ def register_kernel_config(config: KernelConfig) -> KernelConfig:
 
 
 def kernel_configs(op: Optional[str] = None) -> List[KernelConfig]:
-    _load_all_ops()
+    """Every registered configuration (importing every module of fastdit.kernels first)."""
+    import importlib
+    import pkgutil
+
+    import fastdit.kernels
+
+    for mod in pkgutil.iter_modules(fastdit.kernels.__path__):
+        importlib.import_module(f"fastdit.kernels.{mod.name}")
     return [c for c in _KERNEL_CONFIGS if op is None or c.op == op]
 
 
