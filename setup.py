@@ -108,8 +108,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "matplotlib>=3.7",
-                "diffusers>=0.32", "safetensors>=0.4"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-timeout>=2", "pytest-benchmark>=4",
+                "hypothesis>=6", "matplotlib>=3.7", "diffusers>=0.32", "safetensors>=0.4"],
         "diffusers": ["diffusers>=0.32", "safetensors>=0.4"],
         "baselines": ["flash-attn>=2.6", "diffusers>=0.32"],
         "plot": ["matplotlib>=3.7"],

@@ -18,9 +18,9 @@ _REPO_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def _import() -> Tuple[object, str]:
     try:
         from fastdit import _C  # noqa: F401
-    except ImportError as exc:
-        return None, (f"fastdit._C is not built ({exc}); reinstall with FASTDIT_BUILD_CUDA=1 "
-                      f"pip install --no-build-isolation -e .")
+    except ImportError:
+        return None, ("fastdit._C is not built (reinstall with FASTDIT_BUILD_CUDA=1 "
+                      "pip install --no-build-isolation -e .)")
     return _C, ""
 
 

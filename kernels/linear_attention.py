@@ -17,6 +17,9 @@ Kernels (all address arithmetic in int64):
   linear_attention_bwd_dq_kernel      dq
   linear_attention_bwd_dkv_kernel     dk, dv
 D that is not a power of two (40, 80, 160) is handled by masking a padded tile.
+The launchers turn the reduced sums into means (state / N) before the consumers run and pass
+eps_n = eps (the kernels' "unscaled sums, eps*N" form is algebraically the same); this keeps S and
+g / z in fp16 range for the 16-bit dot operands at large N.
 """
 import torch
 import triton
@@ -292,11 +295,19 @@ def linear_attention_bwd_dkv_kernel(
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def _tiles(d: int):
+def _tiles(d: int, dtype=torch.float16):
+    """(D_PAD, BLOCK_N, BLOCK_DO, num_warps), chosen from the AOT register report (no spills).
+
+    fp32 problems use IEEE fp32 dots (FMA, no tensor cores): their operands live in registers,
+    so their tiles are smaller."""
     d_pad = max(16, triton.next_power_of_2(d))
-    block_do = min(d_pad, 64)
-    block_n = 64 if d_pad <= 128 else 32
-    return d_pad, block_n, block_do
+    if dtype == torch.float32:
+        return (d_pad, 16, 32, 4) if d_pad <= 64 else (d_pad, 16, 16, 8)
+    if d_pad <= 64:
+        return d_pad, 64, d_pad, 8
+    if d_pad == 128:
+        return d_pad, 32, 64, 8
+    return d_pad, 16, 32, 8
 
 
 def _dot_mode(t: torch.Tensor):
@@ -318,7 +329,7 @@ def _num_splits(n_blocks: int, bh: int) -> int:
 def _reduce_state(x, y, fmap, *, o=None, m=None, eps_n=0.0, deterministic=True):
     """(B*H, D*D + D) fp32 sums: [S | m] (forward) or [dS | dm] (backward, with o and m)."""
     B, H, N, D = x.shape
-    d_pad, block_n, block_do = _tiles(D)
+    d_pad, block_n, block_do, warps = _tiles(D, x.dtype)
     n_blocks = triton.cdiv(N, block_n)
     splits = _num_splits(n_blocks, B * H)
     per_split = triton.cdiv(n_blocks, splits)
@@ -339,7 +350,7 @@ def _reduce_state(x, y, fmap, *, o=None, m=None, eps_n=0.0, deterministic=True):
            *_strides(x), *_strides(y), *_strides(o_arg),
            D_PAD=d_pad, BLOCK_N=block_n, BLOCK_DO=block_do, FMAP=FEATURE_MAP_IDS[fmap],
            QUERY_SIDE=query_side, USE_ATOMICS=not deterministic,
-           DOT_FP32=dot_fp32, OPERAND_DTYPE=operand)
+           DOT_FP32=dot_fp32, OPERAND_DTYPE=operand, num_warps=warps)
     if not deterministic:
         return part
     state = torch.empty((B * H, L), dtype=torch.float32, device=x.device)
@@ -350,34 +361,40 @@ def _reduce_state(x, y, fmap, *, o=None, m=None, eps_n=0.0, deterministic=True):
 
 
 def linear_attention_fwd(q, k, v, fmap: str, eps: float, deterministic: bool = True):
-    """Returns (o, state) with state = [S | m] unscaled fp32 sums, (B*H, D*D + D)."""
+    """Returns (o, state) with state = [S | m] fp32 MEANS over the keys, (B*H, D*D + D)."""
     B, H, N, D = q.shape
     state = _reduce_state(k, v, fmap, deterministic=deterministic)
+    # Sums -> means (a D*D pass, negligible): the 16-bit dot operands on GPU cast S to fp16, and
+    # an unscaled sum over N keys overflows fp16 (> 65504) at large N or large inputs.
+    state.mul_(1.0 / k.shape[2])
     o = empty(q.shape, dtype=q.dtype, device=q.device)
-    d_pad, block_n, block_do = _tiles(D)
+    d_pad, block_n, block_do, warps = _tiles(D, q.dtype)
     dot_fp32, operand = _dot_mode(q)
     grid = (triton.cdiv(N, block_n), triton.cdiv(D, block_do), B * H)
     launch(linear_attention_fwd_out_kernel, grid,
-           q, state, o, N, D, H, eps * k.shape[2],
+           q, state, o, N, D, H, eps,
            *_strides(q), *_strides(o),
            D_PAD=d_pad, BLOCK_N=block_n, BLOCK_DO=block_do, FMAP=FEATURE_MAP_IDS[fmap],
-           DOT_FP32=dot_fp32, OPERAND_DTYPE=operand)
+           DOT_FP32=dot_fp32, OPERAND_DTYPE=operand, num_warps=warps)
     return o, state
 
 
 def linear_attention_bwd(g, q, k, v, o, state, fmap: str, eps: float, deterministic: bool = True):
     B, H, N, D = q.shape
     Nk = k.shape[2]
-    eps_n = eps * Nk
+    eps_n = eps  # state holds means, so z = phi(q) . mean(phi(k)) + eps (no N factor)
     m = state[:, D * D:].contiguous()
     dstate = _reduce_state(q, g, fmap, o=o, m=m, eps_n=eps_n, deterministic=deterministic)
-    d_pad, block_n, block_do = _tiles(D)
+    # With the true z, [dS | dm] are the true sums; dk, dv need them / N. (With an unscaled z the
+    # fp16 operand g / z underflowed to subnormals at large N.)
+    dstate.mul_(1.0 / Nk)
+    d_pad, block_n, block_do, warps = _tiles(D, q.dtype)
     dot_fp32, operand = _dot_mode(q)
     dq = empty(q.shape, dtype=q.dtype, device=q.device)
     dk = empty(k.shape, dtype=k.dtype, device=k.device)
     dv = empty(v.shape, dtype=v.dtype, device=v.device)
     meta = dict(D_PAD=d_pad, BLOCK_N=block_n, BLOCK_DO=block_do, FMAP=FEATURE_MAP_IDS[fmap],
-                DOT_FP32=dot_fp32, OPERAND_DTYPE=operand)
+                DOT_FP32=dot_fp32, OPERAND_DTYPE=operand, num_warps=warps)
     launch(linear_attention_bwd_dq_kernel, (triton.cdiv(N, block_n), triton.cdiv(D, block_do), B * H),
            q, g, o, state, dq, N, D, H, eps_n,
            *_strides(q), *_strides(g), *_strides(o), *_strides(dq), **meta)
@@ -397,8 +414,11 @@ def _register_aot_configs():
     for dtype, name in dt_names.items():
         ptr = f"*{name}"
         for d in (40, 64, 128, 160):
-            d_pad, block_n, block_do = _tiles(d)
+            d_pad, block_n, block_do, warps = _tiles(d, dtype)
             dot_fp32 = dtype == torch.float32
+            # fp32 is the accuracy path (IEEE FMA dots), not the speed path: a few of its configs
+            # keep a small stack; they are reported by compile-report but not held to "no spills".
+            hot = not dot_fp32
             operand = _TL_DTYPES[dtype] if dtype != torch.float32 else tl.float16
             common = dict(D_PAD=d_pad, BLOCK_N=block_n, BLOCK_DO=block_do, FMAP=0,
                           DOT_FP32=dot_fp32, OPERAND_DTYPE=operand)
@@ -412,25 +432,25 @@ def _register_aot_configs():
                 register_kernel_config(KernelConfig(
                     f"linear_attention_fwd_state_kernel[{name},D={d},{'dS' if qs else 'S'}]",
                     linear_attention_fwd_state_kernel, _sig(linear_attention_fwd_state_kernel, sig, ce),
-                    ce, op="linear_attention", expects_tensor_cores=not dot_fp32))
+                    ce, op="linear_attention", expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"q_ptr": ptr, "state_ptr": "*fp32", "o_ptr": ptr, "N": i32, "D": i32, "H": i32,
                    "eps_n": "fp32"}
             register_kernel_config(KernelConfig(
                 f"linear_attention_fwd_out_kernel[{name},D={d}]", linear_attention_fwd_out_kernel,
                 _sig(linear_attention_fwd_out_kernel, sig, common), common, op="linear_attention",
-                expects_tensor_cores=not dot_fp32))
+                expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"q_ptr": ptr, "g_ptr": ptr, "o_ptr": ptr, "state_ptr": "*fp32", "dq_ptr": ptr,
                    "N": i32, "D": i32, "H": i32, "eps_n": "fp32"}
             register_kernel_config(KernelConfig(
                 f"linear_attention_bwd_dq_kernel[{name},D={d}]", linear_attention_bwd_dq_kernel,
                 _sig(linear_attention_bwd_dq_kernel, sig, common), common, op="linear_attention",
-                expects_tensor_cores=not dot_fp32))
+                expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"k_ptr": ptr, "v_ptr": ptr, "dstate_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr,
                    "N": i32, "D": i32, "H": i32}
             register_kernel_config(KernelConfig(
                 f"linear_attention_bwd_dkv_kernel[{name},D={d}]", linear_attention_bwd_dkv_kernel,
                 _sig(linear_attention_bwd_dkv_kernel, sig, common), common, op="linear_attention",
-                expects_tensor_cores=not dot_fp32))
+                expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
     register_kernel_config(KernelConfig(
         "linear_attention_reduce_kernel", linear_attention_reduce_kernel,
         {"part_ptr": "*fp32", "out_ptr": "*fp32", "NUM_SPLITS": "i32", "L": "i32", "BLOCK": "constexpr"},
