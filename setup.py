@@ -80,7 +80,7 @@ def _cuda_extension():
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],  # torch >= 2.13 headers need C++20 (the .cu files stay C++17)
             "nvcc": ["-O3", "-std=c++17", "-lineinfo", "-Xptxas=-v"] + _gencode_flags(archs),
         },
     )

@@ -3,8 +3,19 @@
 Public ops take `backend=None | "triton" | "cuda" | "reference"`; `fastdit.backends()` reports what
 can run here. See README.md for the methods and their status.
 """
+from fastdit import integrations, models, modules  # noqa: F401  (fastdit.models.DiCo_XL, ...)
 from fastdit._dispatch import BackendError, FastditNotice, available_backends, backend_status
-from fastdit.ops import linear_attention
+from fastdit.ops import (
+    Window,
+    clear_pool_kv,
+    linear_attention,
+    local_window_attention,
+    local_window_work,
+    rettention_refresh,
+    rettention_sparse,
+    sparse_attention,
+)
+from fastdit.sampling import sample_dico
 
 __version__ = "0.1.0"
 
@@ -15,6 +26,17 @@ __all__ = [
     "backend_status",
     "backends",
     "linear_attention",
+    "Window",
+    "sparse_attention",
+    "rettention_refresh",
+    "rettention_sparse",
+    "clear_pool_kv",
+    "local_window_attention",
+    "local_window_work",
+    "integrations",
+    "models",
+    "modules",
+    "sample_dico",
 ]
 
 

@@ -35,6 +35,9 @@ class KernelConfig:
     hot: bool = True
     op: str = ""
     expects_tensor_cores: bool = False
+    # Arguments the runtime JIT specializes as multiples of 16 (16-byte aligned pointers, strides
+    # divisible by 16): compiled with tt.divisibility=16 so the AOT code matches what runs.
+    divisible_by_16: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -42,6 +45,25 @@ class KernelConfig:
 
 
 _KERNEL_CONFIGS: List[KernelConfig] = []
+
+
+def aot_signature(kernel, constexprs: Dict[str, Any], types: Optional[Dict[str, str]] = None,
+                  pointer: Optional[str] = None, default: str = "i32") -> Dict[str, str]:
+    """The full AOT signature of a @triton.jit kernel: its constexprs marked "constexpr", the
+    arguments named in `types` typed as given, other `*_ptr` arguments typed `pointer` (if given),
+    and everything else `default` (sizes and strides)."""
+    types = types or {}
+    out = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            out[name] = "constexpr"
+        elif name in types:
+            out[name] = types[name]
+        elif pointer is not None and name.endswith("_ptr"):
+            out[name] = pointer
+        else:
+            out[name] = default
+    return out
 
 
 def register_kernel_config(config: KernelConfig) -> KernelConfig:

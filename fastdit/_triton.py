@@ -44,6 +44,52 @@ def _nested_calls_interpreted():
         JITFunction.__call__ = original
 
 
+def _bf16_bits_to_f32(bits):
+    import numpy as np
+
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@contextlib.contextmanager
+def _gpu_faithful_bf16():
+    """Makes the interpreter's bf16 arithmetic match the GPU's (Triton 3.6-3.9 interpreter):
+
+    * fp32 -> bf16 casts: the interpreter truncates the mantissa; GPUs round to nearest even
+      (cvt.rn.bf16.f32). Truncation biases every bf16 store and roughly doubles the RMS error of
+      a chain of bf16 ops, so CPU tests would judge kernels by an error the GPU never makes.
+    * tl.dot on bf16 operands: the interpreter multiplies the raw uint16 storage (garbage);
+      GPUs multiply the bf16 values exactly and accumulate in fp32.
+    Both are patched, only while fastdit launches a kernel through the interpreter.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as I
+
+    builder = I.InterpreterBuilder
+    orig_cast, orig_dot = builder.cast_impl, builder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            t = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            bits = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return I.TensorHandle(bits.reshape(src.data.shape), dst_type.scalar)
+        return orig_cast(self, src, dst_type)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.scalar == tl.bfloat16 or b.dtype.scalar == tl.bfloat16:
+            af = _bf16_bits_to_f32(a.data) if a.dtype.scalar == tl.bfloat16 else a.data.astype(np.float32)
+            bf = _bf16_bits_to_f32(b.data) if b.dtype.scalar == tl.bfloat16 else b.data.astype(np.float32)
+            return I.TensorHandle(np.matmul(af, bf, dtype=np.float32).astype(d.data.dtype) + d.data,
+                                  d.dtype.scalar)
+        return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    builder.cast_impl, builder.create_dot = cast_impl, create_dot
+    try:
+        yield
+    finally:
+        builder.cast_impl, builder.create_dot = orig_cast, orig_dot
+
+
 def _interpreted(kernel):
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -62,8 +108,9 @@ def launch(kernel, grid, *args, **kwargs):
     from triton.runtime.interpreter import InterpretedFunction
 
     if isinstance(kernel, InterpretedFunction):  # TRITON_INTERPRET=1 at import time
-        return kernel[grid](*args, **kwargs)
-    with _LOCK, _nested_calls_interpreted():
+        with _LOCK, _gpu_faithful_bf16():
+            return kernel[grid](*args, **kwargs)
+    with _LOCK, _nested_calls_interpreted(), _gpu_faithful_bf16():
         return _interpreted(kernel)[grid](*args, **kwargs)
 
 

@@ -9,7 +9,9 @@ ptxas report gives registers and spill bytes per kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -38,7 +40,20 @@ class CompileResult:
 
     @property
     def spills(self) -> bool:
-        return self.stack > 0 or self.spill_bytes > 0
+        """Register spills as ptxas reports them ("bytes spill stores/loads"). A stack frame
+        without spills (e.g. ptxas outlining a block as a subroutine, or an integer-division
+        call) is reported in `stack` but is not a spill."""
+        return self.spill_bytes > 0
+
+
+@contextlib.contextmanager
+def _knob(group, name, value):
+    old = getattr(group, name)
+    setattr(group, name, value)
+    try:
+        yield
+    finally:
+        setattr(group, name, old)
 
 
 def _triton_bin(tool: str) -> Optional[str]:
@@ -92,22 +107,30 @@ def compile_config(config, arch: int) -> CompileResult:
 
     t0 = time.perf_counter()
     name = config.label
+    log = io.StringIO()
     try:
-        src = ASTSource(config.kernel, dict(config.signature), dict(config.constexprs))
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": config.num_warps,
-                                           "num_stages": config.num_stages})
+        names = list(config.kernel.arg_names)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]]
+                 for a in getattr(config, "divisible_by_16", ()) if a in names}
+        src = ASTSource(config.kernel, dict(config.signature), dict(config.constexprs), attrs)
+        # Always run ptxas (no cache hit) with its -v log printed, to read its spill report.
+        with _knob(triton.knobs.compilation, "always_compile", True), \
+                _knob(triton.knobs.nvidia, "dump_ptxas_log", True), contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": config.num_warps,
+                                               "num_stages": config.num_stages})
     except Exception as exc:  # compile errors are results, not crashes
         msg = str(exc).strip().splitlines()
         return CompileResult(name, f"sm_{arch}", False, error=(msg[-1] if msg else repr(exc))[:300],
                              hot=config.hot, seconds=time.perf_counter() - t0)
     cubin = compiled.asm["cubin"]
     usage = _resource_usage(cubin, config.kernel.__name__)
+    spills = _PTXAS_SPILL.search(log.getvalue())
     return CompileResult(
         name, f"sm_{arch}", True,
         regs=usage.get("REG", getattr(compiled, "n_regs", 0) or 0),
         stack=usage.get("STACK", 0) + usage.get("LOCAL", 0),
-        spill_bytes=getattr(compiled, "n_spills", 0) or 0,
+        spill_bytes=int(spills.group(1)) + int(spills.group(2)) if spills else 0,
         shared=usage.get("SHARED", compiled.metadata.shared),
         tensor_cores=_tensor_core_instructions(cubin),
         hot=config.hot, seconds=time.perf_counter() - t0,

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from fastdit._memory import empty
-from fastdit._registry import KernelConfig, register_kernel_config
+from fastdit.kernels._common import tc_dot
+from fastdit._registry import KernelConfig, aot_signature, register_kernel_config
 from fastdit._triton import interpreting, launch
 
 FEATURE_MAP_IDS = {"elu1": 0, "relu": 1, "identity": 2}
@@ -51,17 +52,6 @@ def _dphi(x, FMAP: tl.constexpr):
         return tl.where(x > 0, 1.0, 0.0)
     else:
         return tl.full(x.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _dot(a, b, DOT_FP32: tl.constexpr, OPERAND_DTYPE: tl.constexpr):
-    # fp32 problems keep IEEE fp32 dots (no TF32); 16-bit problems feed the tensor cores in their
-    # own dtype with fp32 accumulation. DOT_FP32 is also set under the interpreter (bf16 dots are
-    # wrong there).
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a.to(OPERAND_DTYPE), b.to(OPERAND_DTYPE))
 
 
 @triton.jit
@@ -119,7 +109,7 @@ def linear_attention_fwd_state_kernel(
             y = tl.load(y_base + offs_n[:, None] * sy_n + offs_do[None, :],
                         mask=nmask[:, None] & domask[None, :], other=0.0).to(tl.float32)
             colsum += tl.sum(fx, axis=0)
-        acc += _dot(tl.trans(fx), y, DOT_FP32, OPERAND_DTYPE)
+        acc += tc_dot(tl.trans(fx), y, DOT_FP32, OPERAND_DTYPE)
     DD = D * D
     out_base = part_ptr + (bh * NUM_SPLITS + split) * (DD + D)
     if USE_ATOMICS:
@@ -181,7 +171,7 @@ def linear_attention_fwd_out_kernel(
                 mask=dmask[:, None] & domask[None, :], other=0.0)
     m = tl.load(state + D * D + offs_d, mask=dmask, other=0.0)
     z = tl.sum(fq * m[None, :], axis=1) + eps_n
-    num = _dot(fq, s, DOT_FP32, OPERAND_DTYPE)
+    num = tc_dot(fq, s, DOT_FP32, OPERAND_DTYPE)
     o = num / z[:, None]
     tl.store(o_ptr + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_do[None, :],
              o.to(o_ptr.dtype.element_ty), mask=nmask[:, None] & domask[None, :])
@@ -229,7 +219,7 @@ def linear_attention_bwd_dq_kernel(
     st = tl.load(state + offs_do[None, :] * D + offs_d[:, None],
                  mask=dmask[:, None] & domask[None, :], other=0.0)
     m_do = tl.load(state + D * D + offs_do, mask=domask, other=0.0)
-    da = _dot(gz, st, DOT_FP32, OPERAND_DTYPE) + dz[:, None] * m_do[None, :]
+    da = tc_dot(gz, st, DOT_FP32, OPERAND_DTYPE) + dz[:, None] * m_do[None, :]
     q_do = tl.load(q_ptr + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_do[None, :],
                    mask=nmask[:, None] & domask[None, :], other=0.0).to(tl.float32)
     dq = da * _dphi(q_do, FMAP)
@@ -277,13 +267,13 @@ def linear_attention_bwd_dkv_kernel(
     dm = tl.load(dstate + D * D + offs_do, mask=domask, other=0.0)
     k_do = tl.load(k_ptr + b * sk_b + h * sk_h + offs_n[:, None] * sk_n + offs_do[None, :],
                    mask=cols, other=0.0).to(tl.float32)
-    dk = (_dot(v, dst, DOT_FP32, OPERAND_DTYPE) + dm[None, :]) * _dphi(k_do, FMAP)
+    dk = (tc_dot(v, dst, DOT_FP32, OPERAND_DTYPE) + dm[None, :]) * _dphi(k_do, FMAP)
     tl.store(dk_ptr + b * sdk_b + h * sdk_h + offs_n[:, None] * sdk_n + offs_do[None, :],
              dk.to(dk_ptr.dtype.element_ty), mask=cols)
     # dv columns offs_do: phi(k) @ dS[:, offs_do]
     ds = tl.load(dstate + offs_d[:, None] * D + offs_do[None, :],
                  mask=dmask[:, None] & domask[None, :], other=0.0)
-    dv = _dot(fk, ds, DOT_FP32, OPERAND_DTYPE)
+    dv = tc_dot(fk, ds, DOT_FP32, OPERAND_DTYPE)
     tl.store(dv_ptr + b * sdv_b + h * sdv_h + offs_n[:, None] * sdv_n + offs_do[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=cols)
 
@@ -431,43 +421,30 @@ def _register_aot_configs():
                 ce = dict(common, QUERY_SIDE=qs, USE_ATOMICS=False)
                 register_kernel_config(KernelConfig(
                     f"linear_attention_fwd_state_kernel[{name},D={d},{'dS' if qs else 'S'}]",
-                    linear_attention_fwd_state_kernel, _sig(linear_attention_fwd_state_kernel, sig, ce),
+                    linear_attention_fwd_state_kernel, aot_signature(linear_attention_fwd_state_kernel, ce, sig),
                     ce, op="linear_attention", expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"q_ptr": ptr, "state_ptr": "*fp32", "o_ptr": ptr, "N": i32, "D": i32, "H": i32,
                    "eps_n": "fp32"}
             register_kernel_config(KernelConfig(
                 f"linear_attention_fwd_out_kernel[{name},D={d}]", linear_attention_fwd_out_kernel,
-                _sig(linear_attention_fwd_out_kernel, sig, common), common, op="linear_attention",
+                aot_signature(linear_attention_fwd_out_kernel, common, sig), common, op="linear_attention",
                 expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"q_ptr": ptr, "g_ptr": ptr, "o_ptr": ptr, "state_ptr": "*fp32", "dq_ptr": ptr,
                    "N": i32, "D": i32, "H": i32, "eps_n": "fp32"}
             register_kernel_config(KernelConfig(
                 f"linear_attention_bwd_dq_kernel[{name},D={d}]", linear_attention_bwd_dq_kernel,
-                _sig(linear_attention_bwd_dq_kernel, sig, common), common, op="linear_attention",
+                aot_signature(linear_attention_bwd_dq_kernel, common, sig), common, op="linear_attention",
                 expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
             sig = {"k_ptr": ptr, "v_ptr": ptr, "dstate_ptr": "*fp32", "dk_ptr": ptr, "dv_ptr": ptr,
                    "N": i32, "D": i32, "H": i32}
             register_kernel_config(KernelConfig(
                 f"linear_attention_bwd_dkv_kernel[{name},D={d}]", linear_attention_bwd_dkv_kernel,
-                _sig(linear_attention_bwd_dkv_kernel, sig, common), common, op="linear_attention",
+                aot_signature(linear_attention_bwd_dkv_kernel, common, sig), common, op="linear_attention",
                 expects_tensor_cores=not dot_fp32, num_warps=warps, hot=hot))
     register_kernel_config(KernelConfig(
         "linear_attention_reduce_kernel", linear_attention_reduce_kernel,
         {"part_ptr": "*fp32", "out_ptr": "*fp32", "NUM_SPLITS": "i32", "L": "i32", "BLOCK": "constexpr"},
         {"BLOCK": 1024}, op="linear_attention"))
-
-
-def _sig(kernel, known, constexprs):
-    """Full AOT signature: named entries from `known`, strides as i32, constexprs marked."""
-    out = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            out[name] = "constexpr"
-        elif name in known:
-            out[name] = known[name]
-        else:
-            out[name] = "i32"  # strides
-    return out
 
 
 _register_aot_configs()

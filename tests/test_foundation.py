@@ -204,3 +204,43 @@ def test_setup_skips_cuda_build_with_a_message():
     assert out.returncode == 0, out.stderr
     assert "skipping the CUDA C++ extension" in out.stderr
     assert out.stdout.strip().endswith("fastdit")
+
+
+# --------------------------------------------------------------------------- interpreter fidelity
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastdit._triton import launch  # noqa: E402
+
+
+@triton.jit
+def _cast_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m).to(y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr):
+    i = tl.arange(0, 16)
+    j = tl.arange(0, 32)
+    a = tl.load(a_ptr + i[:, None] * 32 + j[None, :])
+    b = tl.load(b_ptr + j[:, None] * 16 + i[None, :])
+    tl.store(c_ptr + i[:, None] * 16 + i[None, :], tl.dot(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_interpreter_casts_round_to_nearest_like_the_gpu(dtype):
+    x = randn((1000,), seed=11)
+    y = torch.empty(1000, dtype=dtype)
+    launch(_cast_kernel, (1,), x, y, 1000, BLOCK=1024)
+    assert torch.equal(y, x.to(dtype)), "fp32 -> 16-bit casts must round to nearest even"
+
+
+def test_interpreter_bf16_dot_is_exact_products_fp32_accumulation():
+    a = randn((16, 32), dtype=torch.bfloat16, seed=12)
+    b = randn((32, 16), dtype=torch.bfloat16, seed=13)
+    c = torch.empty(16, 16)
+    launch(_dot_kernel, (1,), a, b, c)
+    torch.testing.assert_close(c, a.float() @ b.float(), rtol=1e-6, atol=1e-6)

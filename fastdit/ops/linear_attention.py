@@ -28,15 +28,37 @@ def _kernels():
     return K
 
 
+def _cuda_fwd(q, k, v, feature_map: str, eps: float):
+    """CUDA C++ backend (csrc/linear_attention): outputs allocated here so tests can poison them.
+
+    Always deterministic (split-ordered reduction); state = [S | m] fp32 MEANS, as the Triton path."""
+    B, H, N, D = q.shape
+    o = empty(q.shape, dtype=q.dtype, device=q.device)
+    state = empty((B * H, D * D + D), dtype=torch.float32, device=q.device)
+    torch.ops.fastdit_C.linear_attention_fwd(q, k, v, feature_map, eps, o, state)
+    return o, state
+
+
+def _cuda_bwd(g, q, k, v, o, state, feature_map: str, eps: float):
+    dq = empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = empty(v.shape, dtype=v.dtype, device=v.device)
+    torch.ops.fastdit_C.linear_attention_bwd(g, q, k, v, o, state.contiguous(), feature_map, eps,
+                                             dq, dk, dv)
+    return dq, dk, dv
+
+
 def _reference_fwd(q, k, v, feature_map: str, eps: float):
-    """Plain PyTorch in fp32 (or fp64), also returning the [S | m] sums the backward uses."""
+    """Plain PyTorch in fp32 (or fp64), also returning the state [S | m] as fp32 means over the
+    keys (the layout every backend's forward returns)."""
     work = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = q.to(work), k.to(work), v.to(work)
     o = ref_mod.linear_attention(qf, kf, vf, feature_map, eps).to(q.dtype)
     B, H, N, D = q.shape
     fk = ref_mod.feature_map(kf, feature_map)
-    s = (fk.transpose(-1, -2) @ vf).reshape(B * H, D * D)
-    m = fk.sum(dim=-2).reshape(B * H, D)
+    n = k.shape[-2]
+    s = (fk.transpose(-1, -2) @ vf / n).reshape(B * H, D * D)
+    m = fk.mean(dim=-2).reshape(B * H, D)
     return o, torch.cat([s, m], dim=1).float()
 
 
@@ -79,8 +101,8 @@ def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: str,
     name = resolve_backend(OP, backend, q.device)
     if name == "triton":
         return _kernels().linear_attention_fwd(q, k, v, feature_map, eps, deterministic)
-    if name == "cuda":  # pragma: no cover - until the CUDA C++ backend lands
-        raise NotImplementedError("fastdit.linear_attention: CUDA C++ backend not built yet")
+    if name == "cuda":  # pragma: no cover - needs a GPU and the built extension
+        return _cuda_fwd(q, k, v, feature_map, eps)
     return _reference_fwd(q, k, v, feature_map, eps)
 
 
@@ -98,6 +120,8 @@ def _bwd_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if name == "triton":
         return _kernels().linear_attention_bwd(g.contiguous(), q, k, v, o, state, feature_map, eps,
                                                deterministic)
+    if name == "cuda":  # pragma: no cover - needs a GPU and the built extension
+        return _cuda_bwd(g.contiguous(), q, k, v, o, state, feature_map, eps)
     dq, dk, dv = _reference_bwd(g, q, k, v, feature_map, eps)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
