@@ -751,7 +751,7 @@ def _block_case(B, H, W, C, mlp_ratio, dtype, backward=True, group=""):
     R = int(mlp_ratio * C)
     n = B * H * W
     esize = torch.finfo(dtype).bits // 8
-    flops = 2.0 * n * (3 * C * C + 2 * C * R) + 18.0 * n * C
+    flops = 2.0 * n * (2 * C * C + 2 * C * R) + 18.0 * n * C + 2.0 * B * C * C  # conv1, conv3, FFN; dw; CCA
     grads = ("inp", "c", *(k.replace(".", "_") for k in BLOCK_PARAM_NAMES)) if backward else ()
     return Case(op=OP_BLOCK, label=f"B={B} {H}x{W} C={C} r={mlp_ratio} {V.dtype_name(dtype)}",
                 dtype=dtype, make_inputs=make_inputs, reference=reference,
@@ -876,3 +876,213 @@ register_op(OpSpec(name=OP_BLOCK, fn=_block_flat, backends=("triton", "reference
                    check_cases=_block_check_cases, bench_cases=_block_bench_cases,
                    baselines=_block_baselines,
                    summary="DiCo block (fused LN/modulate, dwconv+GELU+pool, residual+LN; cuBLAS 1x1)"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model level: a whole DiCo forward (fused vs unfused) and DiT-XL/2 from diffusers, images/s
+# ---------------------------------------------------------------------------------------------
+
+OP_MODEL = "dico_model"
+
+
+def dico_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, model,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """One forward of a DiCo `model` on latents x (B, C_in, H, W), timesteps t (B,), labels y (B,).
+
+    backend "triton" (None on CUDA) runs every block through the fused path (`fuse_dico`, with x
+    fed channels-last so the block-edge permutes are free); "reference" (None on CPU) runs the
+    plain unfused model. The model's fused state is restored afterwards and its parameters are
+    never touched. For the benchmark's model-level rows (images/s = batch / time).
+    """
+    import types
+
+    from fastdit.integrations.dico import _fused_forward, fuse_dico, unfuse_dico
+
+    name = "fastdit.dico_model"
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"{name}: x must be a 4-D (B, C, H, W) tensor")
+    chosen = resolve_backend(OP_MODEL, backend, x.device)
+    blocks = _dico_blocks(model)
+    saved = [(b.fused_backend, "forward" in b.__dict__) for b in blocks]
+    try:
+        if chosen == "triton":
+            fuse_dico(model, backend="triton")
+            return model(x.contiguous(memory_format=torch.channels_last), t, y)
+        unfuse_dico(model)
+        return model(x, t, y)
+    finally:  # leave the model as it came (fused or not, per block)
+        unfuse_dico(model)
+        for b, (be, fused) in zip(blocks, saved):
+            b.fused_backend = be
+            if fused:
+                b.forward = types.MethodType(_fused_forward, b)
+
+
+def _dico_blocks(model):
+    from fastdit.models.dico import DiCoBlock
+
+    return [m for m in model.modules() if isinstance(m, DiCoBlock)]
+
+
+def dico_model_flops(hidden_size: int, depth, mlp_ratio: float, H: int, W: int, in_channels: int = 4,
+                     learn_sigma: bool = True) -> float:
+    """Forward FLOPs of one image through a DiCo U-Net (2 per multiply-add), counted from the
+    architecture: 1x1/3x3/depthwise convs, the CCA matvec, adaLN and embedder linears."""
+    C, r = int(hidden_size), mlp_ratio
+    out = 2 * in_channels if learn_sigma else in_channels
+    P1, P2, P3 = H * W, (H // 2) * (W // 2), (H // 4) * (W // 4)
+
+    def block(c, p):
+        R = int(r * c)
+        # per pixel: conv1, conv3 (C x C), conv4, conv5 (C x R), depthwise 3x3; per image: CCA, adaLN
+        return 2.0 * p * (2 * c * c + 2 * c * R) + 18.0 * p * c + 2.0 * c * c + 2.0 * c * 6 * c
+
+    def conv3(cin, cout, p):
+        return 2.0 * 9 * cin * cout * p
+
+    f = conv3(in_channels, C, P1)
+    f += depth[0] * block(C, P1) + conv3(C, C // 2, P1)
+    f += depth[1] * block(2 * C, P2) + conv3(2 * C, C, P2)
+    f += depth[2] * block(4 * C, P3) + conv3(4 * C, 8 * C, P3)
+    f += 2.0 * 4 * C * 2 * C * P2 + depth[3] * block(2 * C, P2) + conv3(2 * C, 4 * C, P2)
+    f += 2.0 * 2 * C * 2 * C * P1 + depth[4] * block(2 * C, P1)
+    f += conv3(2 * C, out, P1) + 2.0 * 2 * C * 4 * C
+    f += sum(2.0 * (256 * w + w * w) for w in (C, 2 * C, 4 * C))  # timestep MLPs
+    return f
+
+
+def _init_dico_params(model, seed: int, device) -> None:
+    """Deterministic random parameters, every one non-zero (the published init zeroes adaLN and
+    the output layer, which would make the model's output identically 0): weights ~ N(0, 1/fan_in),
+    adaLN / output weights a further 0.2x so 46 gated residual blocks stay O(1), biases N(0, 0.02)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            v = torch.randn(p.shape, generator=g, device=device, dtype=torch.float32)
+            if p.dim() > 1:
+                v *= (p[0].numel()) ** -0.5 * (0.2 if ("adaLN" in name or "final_layer" in name) else 1.0)
+            else:
+                v *= 0.02
+            p.copy_(v.to(p.dtype))
+
+
+def _build_dico(cfg: Dict, dtype, device, seed: int):
+    from fastdit.models.dico import DiCo
+
+    with torch.device("meta"):
+        model = DiCo(**cfg)
+    model = model.to_empty(device=device)
+    _init_dico_params(model, seed, device)
+    return model.to(dtype).eval()
+
+
+def _model_ref(x, t, y, model):
+    """The plain unfused model in x's dtype/device (a temporary copy when that differs from the
+    model's, e.g. the float64 ground truth)."""
+    import copy
+
+    from fastdit.integrations.dico import is_fused, unfuse_dico
+
+    p = next(model.parameters())
+    if p.dtype == x.dtype and p.device == x.device and not is_fused(model):
+        return model(x, t, y)
+    m = unfuse_dico(copy.deepcopy(model)).to(device=x.device, dtype=x.dtype)
+    return m(x, t, y)
+
+
+def _model_case(cfg: Dict, B: int, HW: int, dtype, label: str, group: str, backward: bool = False,
+                image_px: int = 0):
+    cfg = dict(cfg)
+
+    def make_inputs(device="cpu", seed=0):
+        model = _build_dico(cfg, dtype, device, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        t = torch.randint(0, 1000, (B,), generator=g).to(device)
+        y = torch.randint(0, cfg["num_classes"], (B,), generator=g).to(device)
+        return dict(x=_rand((B, cfg.get("in_channels", 4), HW, HW), dtype, device, seed), t=t, y=y, model=model)
+
+    flops = B * dico_model_flops(cfg["hidden_size"], cfg["depth"], cfg["mlp_ratio"], HW, HW,
+                                 cfg.get("in_channels", 4), cfg.get("learn_sigma", True))
+    extra = {"images/s": "batch / time", "batch": B}
+    if image_px:
+        extra["image"] = f"{image_px}px ({HW}x{HW} latents)"
+    return Case(op=OP_MODEL, label=label, dtype=dtype, make_inputs=make_inputs, reference=_model_ref,
+                flops=flops * (3.0 if backward else 1.0), size=image_px or HW, size_label="image px",
+                backward=backward, grad_inputs=("x",) if backward else (), group=group, extra=extra)
+
+
+_TINY_DICO = dict(hidden_size=12, depth=[1, 1, 1, 1, 1], mlp_ratio=2, num_classes=10)
+
+
+def _model_check_cases():
+    # A small-width (12: not a multiple of 16) DiCo, interpreter-sized, forward + dx, fp16/bf16
+    # (fp32 whole-model errors are a noisy yardstick, see _block_check_cases).
+    # (err/limit <= 0.37 on 3 seeds of each.)
+    return [_model_case(_TINY_DICO, B, HW, dt, f"tiny C=12 B={B} {HW}x{HW} {V.dtype_name(dt)}",
+                        group=f"tiny {V.dtype_name(dt)}", backward=True)
+            for (B, HW, dt) in ((2, 8, torch.bfloat16), (1, 12, torch.float16))]
+
+
+def _model_bench_cases():
+    from fastdit.models.dico import DICO_CONFIGS
+
+    cfg = dict(DICO_CONFIGS["DiCo-XL"], num_classes=1000)
+    return [_model_case(cfg, 64, HW, torch.bfloat16, f"DiCo-XL {px}px B=64 bf16", group="DiCo-XL vs DiT-XL/2 bf16",
+                        image_px=px) for px, HW in ((256, 32), (512, 64))]
+
+
+def dit_xl2(sample_size: int = 32):
+    """DiT-XL/2 as diffusers builds it (the published facebook/DiT-XL-2 transformer config:
+    28 layers, 16 heads x 72, patch 2, ada_norm_zero, 1000 classes, learned sigma), random weights."""
+    from diffusers import DiTTransformer2DModel
+
+    return DiTTransformer2DModel(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8,
+                                 num_layers=28, dropout=0.0, norm_num_groups=32, attention_bias=True,
+                                 sample_size=sample_size, patch_size=2, activation_fn="gelu-approximate",
+                                 num_embeds_ada_norm=1000, upcast_attention=False, norm_type="ada_norm_zero",
+                                 norm_elementwise_affine=False, norm_eps=1e-5)
+
+
+def dit_xl2_flops(latent: int) -> float:
+    """Forward FLOPs of one image through DiT-XL/2 (2 per multiply-add): 28 blocks of QKV/out
+    projections, attention and the 4x MLP on N = (latent/2)^2 tokens of width 1152."""
+    D, N, L = 1152, (latent // 2) ** 2, 28
+    per_block = 2.0 * N * (4 * D * D + 8 * D * D) + 4.0 * N * N * D + 2.0 * 6 * D * D
+    return L * per_block + 2.0 * N * (4 * 4 * D + D * 2 * 2 * 8)
+
+
+_dit_cache: Dict[str, object] = {}
+
+
+def _diffusers_available():
+    import importlib.util
+
+    if importlib.util.find_spec("diffusers") is None:
+        return False, "diffusers is not installed (pip install diffusers)"
+    try:
+        from diffusers import DiTTransformer2DModel  # noqa: F401
+    except Exception as exc:  # pragma: no cover - broken installs
+        return False, f"diffusers has no DiTTransformer2DModel: {exc}"
+    return True, ""
+
+
+def _model_baselines():
+    def eager(x, t, y, model):
+        return dico_model(x, t, y, model=model, backend="reference")
+
+    def dit(x, t, y, model):
+        key = (x.shape[-1], x.dtype, str(x.device))
+        if _dit_cache.get("key") != key:
+            _dit_cache.clear()  # one DiT-XL/2 at a time (~1.3 GB in bf16)
+            with torch.device(x.device):
+                m = dit_xl2(sample_size=x.shape[-1])
+            _dit_cache.update(key=key, model=m.to(x.dtype).eval())
+        return _dit_cache["model"](x, timestep=t, class_labels=y, return_dict=False)[0]
+
+    return [Provider("eager DiCo (unfused, NCHW)", eager),
+            Provider("DiT-XL/2 (diffusers)", dit, available=_diffusers_available, checks_correctness=False)]
+
+
+register_op(OpSpec(name=OP_MODEL, fn=dico_model, backends=("triton", "reference"),
+                   check_cases=_model_check_cases, bench_cases=_model_bench_cases, baselines=_model_baselines,
+                   summary="DiCo model forward: fused blocks vs unfused; DiCo-XL vs DiT-XL/2 images/s"))

@@ -482,6 +482,42 @@ def rettention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     return _sparse_op(q, k, v, rho.contiguous(), residual.contiguous(), kind, params, sc, backend)
 
 
+def rettention_schedule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window,
+                        schedule, *, scale: Optional[float] = None, backend: Optional[str] = None
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One attention layer through a whole Re-ttention schedule (a `RettentionSchedule`), the same
+    q, k, v at every step (benchmark op: issue 5's whole-schedule time vs all-dense). Full steps:
+    dense SDPA; refresh steps: `rettention_refresh`; sparse steps: `rettention_sparse` with
+    rho + lam * k (clamped if the schedule says so), as fastdit.integrations.rettention does.
+    Returns the outputs of the last full, last refresh and last sparse step (the schedule must
+    have all three)."""
+    name = "fastdit.rettention_schedule"
+    _check_qkv(name, q, k, v, window)
+    modes = schedule.modes()
+    if not {"full", "refresh", "sparse"} <= set(modes):
+        raise ValueError(f"{name}: the schedule must have full, refresh and sparse steps, got {modes}")
+    sc = _scale(scale, q.shape[-1], name)
+    last: Dict[str, torch.Tensor] = {}
+    rho = res = None
+    k_since = 0
+    for mode in modes:
+        if mode == "full":
+            o = F.scaled_dot_product_attention(q, k, v, scale=sc)
+        elif mode == "refresh":
+            o, rho, res = rettention_refresh(q, k, v, window, scale=sc, backend=backend)
+            k_since = 0
+        else:
+            if rho is None:
+                raise ValueError(f"{name}: sparse step before any refresh in {modes}")
+            rho_t = rho + schedule.lam * k_since if k_since else rho
+            if schedule.clamp:
+                rho_t = rho_t.clamp(max=1.0)
+            k_since += 1
+            o = rettention_sparse(q, k, v, window, rho_t, res, scale=sc, backend=backend)
+        last[mode] = o
+    return last["full"], last["refresh"], last["sparse"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Registration: correctness cases, benchmark cases, baselines
 # ---------------------------------------------------------------------------------------------
@@ -578,6 +614,66 @@ def _sparse_case(B, H, N, D, dtype, win: Window, residual_dtype=None, group=""):
 
 
 _F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _sched_label(sched) -> str:
+    return f"sched({sched.num_steps} steps, full {sched.full_steps}, refresh/{sched.refresh_every})"
+
+
+def _schedule_case(B, H, N, D, dtype, win: Window, sched, group=""):
+    def make_inputs(device="cpu", seed=0):
+        q, k, v = _qkv(B, H, N, D, dtype, device, seed)
+        return dict(q=q, k=k, v=v, window=win, schedule=sched)
+
+    def reference(q, k, v, window, schedule):
+        # the schedule's outputs from the definitions (same q, k, v at every step)
+        mask = window.dense_mask(q.shape[2], q.device)
+        o_f, lse_f = ref_mod.masked_attention(q, k, v, None)
+        o_w, lse_w = ref_mod.masked_attention(q, k, v, mask)
+        rho = torch.exp(lse_w - lse_f)
+        res = o_f - rho.unsqueeze(-1) * o_w
+        n_sparse = 0  # sparse steps since the last refresh, before the last sparse step
+        for mode in schedule.modes():
+            if mode == "refresh":
+                n_sparse = 0
+            elif mode == "sparse":
+                last_k = n_sparse
+                n_sparse += 1
+        rho_t = rho + schedule.lam * last_k
+        if schedule.clamp:
+            rho_t = rho_t.clamp(max=1.0)
+        return o_f, o_f, rho_t.unsqueeze(-1) * o_w + res
+
+    modes = sched.modes()
+    pairs = sum(N * N if m != "sparse" else win.pairs(N) for m in modes)
+    flops, byts = _flops_bytes(B, H, N, D, pairs, dtype, False)
+    return Case(op="rettention_schedule",
+                label=f"B={B} H={H} N={N} D={D} {V.dtype_name(dtype)} {_win_label(win)} {_sched_label(sched)}",
+                dtype=dtype, make_inputs=make_inputs, reference=reference, flops=flops,
+                bytes=byts * len(modes), size=N, size_label="tokens N",
+                group=group or f"schedule D={D} {V.dtype_name(dtype)}",
+                extra=dict(steps=len(modes), sparse_steps=modes.count("sparse"),
+                           density=round(win.density(N), 4)))
+
+
+def _schedule_check_cases():
+    from fastdit.integrations.rettention import RettentionSchedule as S
+
+    return [
+        _schedule_case(1, 2, 37, 64, _F16, Window.band(3, text_len=4), S(5, 1, 4)),  # last sparse: k=2
+        _schedule_case(1, 1, 39, 72, _BF16, Window.frame_band(13, 3, 2), S(6, 2, 3, lam=0.1, clamp=True)),
+    ]
+
+
+def _schedule_bench_cases():
+    from fastdit.integrations.rettention import RettentionSchedule as S
+
+    shapes = [("PixArt-Sigma 1024", 2, 16, 4096, 72, lambda d: pixart_window(4096, d), S.pixart(), _F16),
+              ("PixArt-Sigma 2K", 2, 16, 16384, 72, lambda d: pixart_window(16384, d), S.pixart(), _F16),
+              ("CogVideoX-2B", 2, 30, 17776, 64, cogvideox_window, S.cogvideox(), _BF16)]
+    return [_schedule_case(B, H, N, D, dt, mk(dens), sched,
+                           group=f"{model} whole schedule ({sched.num_steps} steps) {V.dtype_name(dt)}")
+            for model, B, H, N, D, mk, sched, dt in shapes for dens, _ in _DENSITIES]
 
 
 def _attn_check_cases():
@@ -764,6 +860,15 @@ def _sparse_baselines():
             Provider("flex-attention + reshape", flex, available=_flex_available)]
 
 
+def _schedule_baselines():
+    def dense(q, k, v, window, schedule):  # all-dense: SDPA at every step
+        for _ in range(schedule.num_steps):
+            o = F.scaled_dot_product_attention(q, k, v)
+        return o, o, o
+
+    return [Provider("sdpa every step (all-dense)", dense, checks_correctness=False)]
+
+
 _BACKENDS = ("triton", "cuda", "reference")
 _AVAIL = {"cuda": lambda device_type: (False, "no CUDA C++ kernel for this op yet (use triton)")}
 register_op(OpSpec(
@@ -780,4 +885,10 @@ register_op(OpSpec(
     name="rettention_sparse", fn=rettention_sparse, backends=_BACKENDS,
     check_cases=_sparse_check_cases, bench_cases=_sparse_bench_cases, baselines=_sparse_baselines, backend_available=_AVAIL,
     summary="Re-ttention sparse step: rho * window attention + residual, fused epilogue",
+))
+register_op(OpSpec(
+    name="rettention_schedule", fn=rettention_schedule, backends=_BACKENDS,
+    check_cases=_schedule_check_cases, bench_cases=_schedule_bench_cases, baselines=_schedule_baselines,
+    backend_available=_AVAIL,
+    summary="Re-ttention whole schedule, one layer (dense full steps + refresh + sparse steps) vs all-dense",
 ))
