@@ -39,6 +39,19 @@ __all__ = ["RettentionSchedule", "RettentionController", "apply_rettention", "re
 _CONTROLLER = "_fastdit_rettention"
 
 
+def _project_heads(attn, hidden_states):
+    """q, k, v of a diffusers Attention as (B, heads, N, d), with its q/k norms applied."""
+    B = hidden_states.shape[0]
+    q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    d = k.shape[-1] // attn.heads
+    q, k, v = (t.view(B, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 @dataclasses.dataclass(frozen=True)
 class RettentionSchedule:
     """Which steps (0-based) are full, refresh or sparse.
@@ -210,17 +223,9 @@ class PixArtRettentionProcessor(_RettentionProcessorBase):
                                       "inputs are not used by PixArt and not supported")
         residual = hidden_states
         B, N, _ = hidden_states.shape
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(hidden_states)
-        v = attn.to_v(hidden_states)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(B, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _project_heads(attn, hidden_states)
         o = self.attend(q, k, v, self.window(N))
-        o = o.transpose(1, 2).reshape(B, -1, attn.heads * d).to(q.dtype)
+        o = o.transpose(1, 2).reshape(B, -1, attn.heads * q.shape[-1]).to(q.dtype)
         o = attn.to_out[0](o)
         o = attn.to_out[1](o)
         if attn.residual_connection:
@@ -246,15 +251,7 @@ class CogVideoXRettentionProcessor(_RettentionProcessorBase):
         text_len = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         B, N, _ = hidden_states.shape
-        q = attn.to_q(hidden_states)
-        k = attn.to_k(hidden_states)
-        v = attn.to_v(hidden_states)
-        d = k.shape[-1] // attn.heads
-        q, k, v = (t.view(B, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = _project_heads(attn, hidden_states)
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
@@ -262,7 +259,7 @@ class CogVideoXRettentionProcessor(_RettentionProcessorBase):
             if not attn.is_cross_attention:
                 k[:, :, text_len:] = apply_rotary_emb(k[:, :, text_len:], image_rotary_emb)
         o = self.attend(q, k, v, self.window(text_len, N - text_len))
-        o = o.transpose(1, 2).reshape(B, -1, attn.heads * d)
+        o = o.transpose(1, 2).reshape(B, -1, attn.heads * q.shape[-1])
         o = attn.to_out[0](o)
         o = attn.to_out[1](o)
         enc, hs = o.split([text_len, o.size(1) - text_len], dim=1)
