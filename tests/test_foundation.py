@@ -153,6 +153,16 @@ def test_bench_on_cpu_is_correctness_only_and_never_overwrites(tmp_path):
         benchmark.write_results(data, str(tmp_path), plot=False)
 
 
+def test_bench_on_cpu_runs_every_provider_without_errors(tmp_path):
+    res = benchmark.run(out_dir=str(tmp_path), quick=True, progress=False, plot=False)
+    errors = [(c["op"], c["label"], p["provider"], p["error"]) for c in res["cases"]
+              for p in c["providers"] if "error" in p]
+    assert not errors, errors
+    fast = [p for c in res["cases"] for p in c["providers"] if p["fastdit"] and "skipped" not in p]
+    assert fast and all(p["ok"] for p in fast)
+    assert {c["op"] for c in res["cases"]} == {s.name for s in fastdit._registry.all_ops()}
+
+
 def _fake_gpu_results(ok=True, failed=0):
     return {"schema": 1, "kind": "gpu", "device": "NVIDIA H100 80GB HBM3", "cases": [
         {"op": "linear_attention", "providers": [
