@@ -168,6 +168,21 @@ def _dw_preact(u_ptr, w_ptr, bias, b, h, offs_w, offs_c, cmask, H, W, C,
 
 
 @triton.jit
+def _dw_tile(W, C, NHB, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's depthwise-conv tile, grid (B * NHB, cdiv(W, BLOCK_W), cdiv(C, BLOCK_C)):
+    (bhb, wb, b, hb, column offsets (int64), channel offsets, channel mask, 2D mask)."""
+    bhb = tl.program_id(0).to(tl.int64)
+    wb = tl.program_id(1)
+    b = bhb // NHB
+    hb = bhb % NHB
+    offs_w = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    m2 = (offs_w < W)[:, None] & cmask[None, :]
+    return bhb, wb, b, hb, offs_w, offs_c, cmask, m2
+
+
+@triton.jit
 def dico_dwconv_gelu_fwd_kernel(
     u_ptr, w_ptr, bias_ptr, a_ptr, part_ptr,
     H, W, C, NHB,
@@ -178,15 +193,7 @@ def dico_dwconv_gelu_fwd_kernel(
     w_ptr: (9, C) taps (row-major dy, dx). Grid (B * NHB, cdiv(W, BLOCK_W), cdiv(C, BLOCK_C)); each
     program covers ROWS rows x BLOCK_W columns x BLOCK_C channels, one row tile at a time.
     """
-    bhb = tl.program_id(0).to(tl.int64)
-    wb = tl.program_id(1)
-    cb = tl.program_id(2)
-    b = bhb // NHB
-    hb = bhb % NHB
-    offs_w = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    m2 = (offs_w < W)[:, None] & cmask[None, :]
+    bhb, wb, b, hb, offs_w, offs_c, cmask, m2 = _dw_tile(W, C, NHB, BLOCK_W, BLOCK_C)
     bias = tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r in range(ROWS):
@@ -213,15 +220,7 @@ def dico_dwconv_gelu_bwd_gz_kernel(
     per-channel sums live in one (16, BLOCK_C) register tile (row k, selected with tl.where), so
     the tap loop stays a runtime loop (no nine unrolled accumulators and tile loads).
     """
-    bhb = tl.program_id(0).to(tl.int64)
-    wb = tl.program_id(1)
-    cb = tl.program_id(2)
-    b = bhb // NHB
-    hb = bhb % NHB
-    offs_w = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    m2 = (offs_w < W)[:, None] & cmask[None, :]
+    bhb, wb, b, hb, offs_w, offs_c, cmask, m2 = _dw_tile(W, C, NHB, BLOCK_W, BLOCK_C)
     bias = tl.load(bias_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
     gp = tl.load(gpool_ptr + b * C + offs_c, mask=cmask, other=0.0).to(tl.float32) * inv_hw
     kk = tl.arange(0, 16)
@@ -256,15 +255,7 @@ def dico_dwconv_bwd_du_kernel(
     ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """du[h, w] = sum_taps w[dy, dx] * gz[h - dy + 1, w - dx + 1] (transposed depthwise conv)."""
-    bhb = tl.program_id(0).to(tl.int64)
-    wb = tl.program_id(1)
-    cb = tl.program_id(2)
-    b = bhb // NHB
-    hb = bhb % NHB
-    offs_w = (wb * BLOCK_W + tl.arange(0, BLOCK_W)).to(tl.int64)
-    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    m2 = (offs_w < W)[:, None] & cmask[None, :]
+    bhb, wb, b, hb, offs_w, offs_c, cmask, m2 = _dw_tile(W, C, NHB, BLOCK_W, BLOCK_C)
     for r in range(ROWS):
         h = hb * ROWS + r
         if h < H:

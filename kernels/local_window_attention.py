@@ -110,6 +110,27 @@ def _online_step(acc, m_i, l_i, q, kt, v, allowed, qk_scale, DOT_FP32: tl.conste
 
 
 @triton.jit
+def _query_tile(pid, T, Hh, W, QY: tl.constexpr, QX: tl.constexpr):
+    """Query rows of program `pid`: a 1D block of QY*QX text rows (the first cdiv(T, QY*QX)
+    programs), else a QY x QX patch of the image in row-major addresses.
+    Returns (is_text, tyq, txq, yq, xq, rows (int64), qvalid)."""
+    BM: tl.constexpr = QY * QX
+    NT = (T + BM - 1) // BM
+    nqx = (W + QX - 1) // QX
+    is_text = pid < NT
+    offs_m = tl.arange(0, BM)
+    t_img = tl.maximum(pid - NT, 0)
+    tyq = t_img // nqx
+    txq = t_img % nqx
+    yq = tyq * QY + offs_m // QX
+    xq = txq * QX + offs_m % QX
+    txt_rows = pid * BM + offs_m
+    rows = tl.where(is_text, txt_rows, T + yq * W + xq).to(tl.int64)
+    qvalid = tl.where(is_text, txt_rows < T, (yq < Hh) & (xq < W))
+    return is_text, tyq, txq, yq, xq, rows, qvalid
+
+
+@triton.jit
 def clear_fwd_kernel(
     q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, o_ptr, lse_ptr,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -126,22 +147,9 @@ def clear_fwd_kernel(
     b = bh // H
     h = bh % H
     N = T + Hh * W
-    NT = (T + BM - 1) // BM
-    nqx = (W + QX - 1) // QX
-    is_text = pid < NT
-
-    offs_m = tl.arange(0, BM)
+    is_text, tyq, txq, yq, xq, rows, qvalid = _query_tile(pid, T, Hh, W, QY, QX)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    # Query rows: a 1D block of text, or a QY x QX patch of the image (row-major addresses).
-    t_img = tl.maximum(pid - NT, 0)
-    tyq = t_img // nqx
-    txq = t_img % nqx
-    yq = tyq * QY + offs_m // QX
-    xq = txq * QX + offs_m % QX
-    txt_rows = pid * BM + offs_m
-    rows = tl.where(is_text, txt_rows, T + yq * W + xq).to(tl.int64)
-    qvalid = tl.where(is_text, txt_rows < T, (yq < Hh) & (xq < W))
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :],
                 mask=qvalid[:, None], other=0.0)
@@ -249,21 +257,9 @@ def clear_bwd_dq_kernel(
     b = bh // H
     h = bh % H
     N = T + Hh * W
-    NT = (T + BM - 1) // BM
-    nqx = (W + QX - 1) // QX
-    is_text = pid < NT
-
-    offs_m = tl.arange(0, BM)
+    is_text, tyq, txq, yq, xq, rows, qvalid = _query_tile(pid, T, Hh, W, QY, QX)
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    t_img = tl.maximum(pid - NT, 0)
-    tyq = t_img // nqx
-    txq = t_img % nqx
-    yq = tyq * QY + offs_m // QX
-    xq = txq * QX + offs_m % QX
-    txt_rows = pid * BM + offs_m
-    rows = tl.where(is_text, txt_rows, T + yq * W + xq).to(tl.int64)
-    qvalid = tl.where(is_text, txt_rows < T, (yq < Hh) & (xq < W))
 
     q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_n + offs_d[None, :],
                 mask=qvalid[:, None], other=0.0)

@@ -94,6 +94,41 @@ def _allowed(tq, tk, T, G, W, FRAMES: tl.constexpr):
 
 
 @triton.jit
+def _head_bases(q_ptr, k_ptr, v_ptr, H, D8, sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8,
+                sv_n8):
+    """(bh, D, q_base, sq_n, k_base, sk_n, v_base, sv_n) of this program's (batch, head).
+
+    Strides and D arrive in units of 8 elements (the launcher guarantees strides % 8 == 0 and
+    16-byte aligned q/k/v, `_aligned`; every supported D is a multiple of 8). Multiplying by 8
+    here lets the compiler prove 16-byte aligned rows and D-masks constant over 8 lanes: 128-bit
+    loads and cp.async pipelining whatever the runtime specialisation sees (D=72, strides not
+    divisible by 16). tl.multiple_of does not apply to scalars. Base offsets are int64."""
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    q_base = q_ptr + b * (sq_b8 * 8) + h * (sq_h8 * 8)
+    k_base = k_ptr + b * (sk_b8 * 8) + h * (sk_h8 * 8)
+    v_base = v_ptr + b * (sv_b8 * 8) + h * (sv_h8 * 8)
+    return bh, D8 * 8, q_base, sq_n8 * 8, k_base, sk_n8 * 8, v_base, sv_n8 * 8
+
+
+@triton.jit
+def _query_rows(q_base, sq_n, mblk, N, D, T, G, L, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr,
+                FRAMES: tl.constexpr, ROW64: tl.constexpr):
+    """The BLOCK_M query rows of tile `mblk` (logical order): (m0, offs_m, offs_d, dmask, qmask,
+    raw rows, q tile)."""
+    m0 = mblk * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    dmask = offs_d < D
+    qmask = offs_m < N
+    rq = _raw_row(offs_m, T, G, L, FRAMES, ROW64)
+    q = tl.load(q_base + rq[:, None] * sq_n + offs_d[None, :],
+                mask=qmask[:, None] & dmask[None, :], other=0.0)
+    return m0, offs_m, offs_d, dmask, qmask, rq, q
+
+
+@triton.jit
 def _fwd_segment(acc, l_i, m_i, q, tq, k_base, v_base, sk_n, sv_n, start, end,
                  offs_n, offs_d, dmask, qk_scale, T, G, L, W,
                  BLOCK_N: tl.constexpr, FRAMES: tl.constexpr, ROW64: tl.constexpr,
@@ -135,29 +170,11 @@ def sparse_attn_fwd_kernel(
     Grid: (cdiv(N, BLOCK_M), B*H).
     """
     mblk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    # Strides and D arrive in units of 8 elements (the launcher guarantees strides % 8 == 0 and
-    # 16-byte aligned q/k/v, `_aligned`; every supported D is a multiple of 8). Multiplying by 8
-    # here lets the compiler prove 16-byte aligned rows and D-masks constant over 8 lanes: 128-bit
-    # loads and cp.async pipelining whatever the runtime specialisation sees (D=72, strides not
-    # divisible by 16). tl.multiple_of does not apply to scalars.
-    sq_b, sq_h, sq_n = sq_b8 * 8, sq_h8 * 8, sq_n8 * 8
-    sk_b, sk_h, sk_n = sk_b8 * 8, sk_h8 * 8, sk_n8 * 8
-    sv_b, sv_h, sv_n = sv_b8 * 8, sv_h8 * 8, sv_n8 * 8
-    D = D8 * 8
-    m0 = mblk * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, D, q_base, sq_n, k_base, sk_n, v_base, sv_n = _head_bases(
+        q_ptr, k_ptr, v_ptr, H, D8, sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8)
+    m0, offs_m, offs_d, dmask, qmask, rq, q = _query_rows(
+        q_base, sq_n, mblk, N, D, T, G, L, BLOCK_M, D_PAD, FRAMES, ROW64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < D
-    qmask = offs_m < N
-    rq = _raw_row(offs_m, T, G, L, FRAMES, ROW64)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rq[:, None] * sq_n + offs_d[None, :],
-                mask=qmask[:, None] & dmask[None, :], other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
     acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
@@ -231,29 +248,11 @@ def sparse_attn_refresh_kernel(
     Grid: (cdiv(N, BLOCK_M), B*H).
     """
     mblk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    # Strides and D arrive in units of 8 elements (the launcher guarantees strides % 8 == 0 and
-    # 16-byte aligned q/k/v, `_aligned`; every supported D is a multiple of 8). Multiplying by 8
-    # here lets the compiler prove 16-byte aligned rows and D-masks constant over 8 lanes: 128-bit
-    # loads and cp.async pipelining whatever the runtime specialisation sees (D=72, strides not
-    # divisible by 16). tl.multiple_of does not apply to scalars.
-    sq_b, sq_h, sq_n = sq_b8 * 8, sq_h8 * 8, sq_n8 * 8
-    sk_b, sk_h, sk_n = sk_b8 * 8, sk_h8 * 8, sk_n8 * 8
-    sv_b, sv_h, sv_n = sv_b8 * 8, sv_h8 * 8, sv_n8 * 8
-    D = D8 * 8
-    m0 = mblk * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, D, q_base, sq_n, k_base, sk_n, v_base, sv_n = _head_bases(
+        q_ptr, k_ptr, v_ptr, H, D8, sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8)
+    m0, offs_m, offs_d, dmask, qmask, rq, q = _query_rows(
+        q_base, sq_n, mblk, N, D, T, G, L, BLOCK_M, D_PAD, FRAMES, ROW64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < D
-    qmask = offs_m < N
-    rq = _raw_row(offs_m, T, G, L, FRAMES, ROW64)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rq[:, None] * sq_n + offs_d[None, :],
-                mask=qmask[:, None] & dmask[None, :], other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
     acc_in = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     acc_out = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     l_in = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -293,34 +292,17 @@ def sparse_attn_bwd_dq_kernel(
     """dq = scale * sum_j p_ij (dp_ij - delta_i) k_j over the window's key tiles.
     do, dq, lse, delta are contiguous (B, H, N[, D]). Grid: (cdiv(N, BLOCK_M), B*H)."""
     mblk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    # Strides and D arrive in units of 8 elements (the launcher guarantees strides % 8 == 0 and
-    # 16-byte aligned q/k/v, `_aligned`; every supported D is a multiple of 8). Multiplying by 8
-    # here lets the compiler prove 16-byte aligned rows and D-masks constant over 8 lanes: 128-bit
-    # loads and cp.async pipelining whatever the runtime specialisation sees (D=72, strides not
-    # divisible by 16). tl.multiple_of does not apply to scalars.
-    sq_b, sq_h, sq_n = sq_b8 * 8, sq_h8 * 8, sq_n8 * 8
-    sk_b, sk_h, sk_n = sk_b8 * 8, sk_h8 * 8, sk_n8 * 8
-    sv_b, sv_h, sv_n = sv_b8 * 8, sv_h8 * 8, sv_n8 * 8
-    D = D8 * 8
-    m0 = mblk * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    bh, D, q_base, sq_n, k_base, sk_n, v_base, sv_n = _head_bases(
+        q_ptr, k_ptr, v_ptr, H, D8, sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8)
+    m0, offs_m, offs_d, dmask, qmask, rq, q = _query_rows(
+        q_base, sq_n, mblk, N, D, T, G, L, BLOCK_M, D_PAD, FRAMES, ROW64)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D_PAD)
-    dmask = offs_d < D
-    qmask = offs_m < N
-    rq = _raw_row(offs_m, T, G, L, FRAMES, ROW64)
     qd = qmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rq[:, None] * sq_n + offs_d[None, :], mask=qd, other=0.0)
     row0 = bh * N
     ptrs = row0 * D + (rq[:, None] * D + offs_d[None, :])
     do = tl.load(do_ptr + ptrs, mask=qd, other=0.0)
     lse2 = tl.load(lse_ptr + row0 + rq, mask=qmask, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + row0 + rq, mask=qmask, other=0.0)
-    k_base = k_ptr + b * sk_b + h * sk_h
-    v_base = v_ptr + b * sv_b + h * sv_h
     dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
     a_end, lo, hi = _ranges(m0, BLOCK_M, N, T, G, P, W, FRAMES)
     for seg in tl.static_range(2):
@@ -356,18 +338,8 @@ def sparse_attn_bwd_dkdv_kernel(
     tile [n0, n0 + BLOCK_N) (the window is symmetric: the same range function). dk, dv are
     contiguous (B, H, N, D). Grid: (cdiv(N, BLOCK_N), B*H)."""
     nblk = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // H
-    h = bh % H
-    # Strides and D arrive in units of 8 elements (the launcher guarantees strides % 8 == 0 and
-    # 16-byte aligned q/k/v, `_aligned`; every supported D is a multiple of 8). Multiplying by 8
-    # here lets the compiler prove 16-byte aligned rows and D-masks constant over 8 lanes: 128-bit
-    # loads and cp.async pipelining whatever the runtime specialisation sees (D=72, strides not
-    # divisible by 16). tl.multiple_of does not apply to scalars.
-    sq_b, sq_h, sq_n = sq_b8 * 8, sq_h8 * 8, sq_n8 * 8
-    sk_b, sk_h, sk_n = sk_b8 * 8, sk_h8 * 8, sk_n8 * 8
-    sv_b, sv_h, sv_n = sv_b8 * 8, sv_h8 * 8, sv_n8 * 8
-    D = D8 * 8
+    bh, D, q_base, sq_n, k_base, sk_n, v_base, sv_n = _head_bases(
+        q_ptr, k_ptr, v_ptr, H, D8, sq_b8, sq_h8, sq_n8, sk_b8, sk_h8, sk_n8, sv_b8, sv_h8, sv_n8)
     n0 = nblk * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -376,9 +348,8 @@ def sparse_attn_bwd_dkdv_kernel(
     kmask = offs_n < N
     rk = _raw_row(offs_n, T, G, L, FRAMES, ROW64)
     kd = kmask[:, None] & dmask[None, :]
-    k = tl.load(k_ptr + b * sk_b + h * sk_h + rk[:, None] * sk_n + offs_d[None, :], mask=kd, other=0.0)
-    v = tl.load(v_ptr + b * sv_b + h * sv_h + rk[:, None] * sv_n + offs_d[None, :], mask=kd, other=0.0)
-    q_base = q_ptr + b * sq_b + h * sq_h
+    k = tl.load(k_base + rk[:, None] * sk_n + offs_d[None, :], mask=kd, other=0.0)
+    v = tl.load(v_base + rk[:, None] * sv_n + offs_d[None, :], mask=kd, other=0.0)
     do_base = do_ptr + bh * N * D
     lse_base = lse_ptr + bh * N
     delta_base = delta_ptr + bh * N

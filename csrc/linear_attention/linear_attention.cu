@@ -68,18 +68,36 @@ struct Pack<float> {
   }
 };
 
-template <>
-struct Pack<__half> {
+// fp16 and bf16: 8 values per 16-byte vector, converted two at a time. Only the scalar and pair
+// conversions differ between the two types; they are the overloads below.
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ void from_f32(float x, __half* out) { *out = __float2half_rn(x); }
+__device__ __forceinline__ void from_f32(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
+__device__ __forceinline__ float2 pair_to_f32(__half2 h) { return __half22float2(h); }
+__device__ __forceinline__ float2 pair_to_f32(__nv_bfloat162 h) { return __bfloat1622float2(h); }
+__device__ __forceinline__ void pair_from_f32(float a, float b, __half2* out) { *out = __floats2half2_rn(a, b); }
+__device__ __forceinline__ void pair_from_f32(float a, float b, __nv_bfloat162* out) {
+  *out = __floats2bfloat162_rn(a, b);
+}
+
+template <typename T, typename T2>
+struct PackPairs {
   static constexpr int kVec = 8;
-  __device__ __forceinline__ static float to_float(__half x) { return __half2float(x); }
-  __device__ __forceinline__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ __forceinline__ static float to_float(T x) { return to_f32(x); }
+  __device__ __forceinline__ static T from_float(float x) {
+    T y;
+    from_f32(x, &y);
+    return y;
+  }
   __device__ __forceinline__ static float2 word(uint32_t w) {
-    __half2 h;
+    T2 h;
     memcpy(&h, &w, sizeof(w));
-    return __half22float2(h);
+    return pair_to_f32(h);
   }
   __device__ __forceinline__ static uint32_t word(float a, float b) {
-    const __half2 h = __floats2half2_rn(a, b);
+    T2 h;
+    pair_from_f32(a, b, &h);
     uint32_t w;
     memcpy(&w, &h, sizeof(w));
     return w;
@@ -97,32 +115,10 @@ struct Pack<__half> {
 };
 
 template <>
-struct Pack<__nv_bfloat16> {
-  static constexpr int kVec = 8;
-  __device__ __forceinline__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-  __device__ __forceinline__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
-  __device__ __forceinline__ static float2 word(uint32_t w) {
-    __nv_bfloat162 h;
-    memcpy(&h, &w, sizeof(w));
-    return __bfloat1622float2(h);
-  }
-  __device__ __forceinline__ static uint32_t word(float a, float b) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    uint32_t w;
-    memcpy(&w, &h, sizeof(w));
-    return w;
-  }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    float2 t;
-    t = word(u.x); f[0] = t.x; f[1] = t.y;
-    t = word(u.y); f[2] = t.x; f[3] = t.y;
-    t = word(u.z); f[4] = t.x; f[5] = t.y;
-    t = word(u.w); f[6] = t.x; f[7] = t.y;
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(word(f[0], f[1]), word(f[2], f[3]), word(f[4], f[5]), word(f[6], f[7]));
-  }
-};
+struct Pack<__half> : PackPairs<__half, __half2> {};
+
+template <>
+struct Pack<__nv_bfloat16> : PackPairs<__nv_bfloat16, __nv_bfloat162> {};
 
 // ------------------------------------------------------------------------------------------
 // feature maps (fmap: 0 = elu + 1, 1 = relu, 2 = identity; < 0 = raw value, no map)
