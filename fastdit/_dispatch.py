@@ -10,7 +10,6 @@ such as "flex"). The rules:
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -28,15 +27,15 @@ class BackendError(ValueError):
     """The requested backend does not exist or cannot run here."""
 
 
-@functools.lru_cache(maxsize=None)
+# Probed once at import (cheap: no import of triton itself) and never mutated, so torch.compile can
+# trace the dispatch without guarding on, or warning about, a cache.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> Tuple[bool, str]:
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # pragma: no cover - broken installs
-        return False, f"triton failed to import: {exc}"
-    return True, ""
+    """Whether the triton package is installed. (A broken install surfaces as its ImportError at the
+    first Triton launch.)"""
+    return (True, "") if _TRITON_FOUND else (False, "triton is not installed")
 
 
 def _triton_available(device_type: str) -> Tuple[bool, str]:
