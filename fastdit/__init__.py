@@ -16,6 +16,7 @@ from fastdit.ops import (
     sparse_attention,
 )
 from fastdit.sampling import sample_dico
+from fastdit import distributed  # noqa: E402,F401  (patch-parallel CLEAR over torch.distributed)
 
 __version__ = "0.1.0"
 

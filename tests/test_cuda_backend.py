@@ -326,9 +326,21 @@ _BUILD_SCRIPT = textwrap.dedent("""
     _cuda_ext.load_jit(archs="9.0a", build_directory=sys.argv[1])
     assert _cuda_ext.built()
     print("BUILD_SECONDS", round(time.time() - t0, 1))
-    for name in ("linear_attention_fwd", "linear_attention_bwd"):
+    for name in sys.argv[2].split(","):
         print("SCHEMA", getattr(torch.ops.fastdit_C, name).default._schema)
 """)
+
+
+# Every op the extension registers (csrc/bindings.cpp and the TORCH_LIBRARY_FRAGMENTs of
+# csrc/dico/ and csrc/local_window_attention/): the build must register all of them.
+_EXPECTED_OPS = (
+    "linear_attention_fwd", "linear_attention_bwd", "linear_attention_num_splits",
+    "local_window_attention_fwd", "rettention_sparse_fwd",
+    "dico_ln_modulate_fwd", "dico_residual_ln_modulate_fwd", "dico_ln_modulate_bwd",
+    "dico_residual_ln_modulate_bwd", "dico_dwconv_gelu_pool_fwd", "dico_dwconv_gelu_pool_bwd",
+    "dico_bias_gelu_fwd", "dico_bias_gelu_bwd", "dico_gated_residual_fwd", "dico_gated_residual_bwd",
+    "dico_cca_scale_bwd",
+)
 
 
 @pytest.mark.slow
@@ -342,12 +354,15 @@ def test_extension_builds_and_loads_from_clean_tree(tmp_path):
     env = dict(os.environ, CUDA_HOME=home, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     env.pop("TORCH_CUDA_ARCH_LIST", None)
     env["TORCH_CUDA_ARCH_LIST"] = "9.0a"  # silences the "no GPU: compiling for all archs" path
-    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(tmp_path), CSRC],
+    proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, str(tmp_path), ",".join(_EXPECTED_OPS)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=880)
     assert proc.returncode == 0, (proc.stdout[-3000:] + proc.stderr[-5000:])
     # Loading the .so needs no GPU: the op schemas were registered by its static initialisers.
     schemas = [line for line in proc.stdout.splitlines() if line.startswith("SCHEMA")]
+    assert len(schemas) == len(_EXPECTED_OPS), proc.stdout
     assert any("linear_attention_fwd" in s and "Tensor(a!) o" in s for s in schemas), proc.stdout
     assert any("linear_attention_bwd" in s and "Tensor(c!) dv" in s for s in schemas), proc.stdout
+    assert any("local_window_attention_fwd" in s and "Tensor(b!) lse" in s for s in schemas), proc.stdout
+    assert any("dico_dwconv_gelu_pool_bwd" in s for s in schemas), proc.stdout
     leftovers = [p for p in os.listdir(os.path.join(ROOT, "fastdit")) if p.endswith(".so")]
     assert not leftovers, f"the build test left shared libraries in the package: {leftovers}"

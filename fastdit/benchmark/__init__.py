@@ -332,6 +332,10 @@ def run(ops=None, providers=None, out_dir=None, plot=True, quick=False, progress
         results["cases"].append(row)
         bar.update(1)
     bar.close()
+    if any(s.name == "local_window_attention" for s in specs):
+        from fastdit.distributed.comm_model import comm_model_table
+
+        results["comm_model"] = comm_model_table()  # a model: the same on every device
     if tests_junit:
         results["tests"] = junit_summary(tests_junit, [s.name for s in specs])
     write_results(results, out_dir or default_results_dir(gpu), plot=plot)
@@ -450,6 +454,16 @@ def markdown(results: Dict) -> str:
                 else:
                     lines.append(f"| {label} | {c['mode']} | {p['provider']} | {_fmt(p.get('max_err'), '{:.2e}')} | "
                                  f"{_fmt(p.get('limit'), '{:.2e}')} | {status} |")
+        lines.append("")
+    if results.get("comm_model"):
+        from fastdit.distributed.comm_model import comm_model_markdown
+
+        lines.append("## Patch-parallel CLEAR: communication model (computed, not measured)\n")
+        lines.append("Bytes each rank sends per attention layer (forward) for FLUX (24 heads, D=128, "
+                     "512 text tokens, bf16, 16 px per token) split into bands of image rows: "
+                     "fastdit.distributed's halo exchange vs all-gathering K/V vs Ulysses all-to-all; "
+                     "times = bytes / link rate, no latency (fastdit/distributed/comm_model.py).\n")
+        lines.append(comm_model_markdown(results["comm_model"]))
         lines.append("")
     if results.get("tests"):
         lines.append("## Test suite on this device\n")

@@ -36,14 +36,22 @@ def _blocks(model: nn.Module):
 
 def fuse_dico(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
     """Makes every DiCoBlock in `model` run the fused path. backend: None (Triton on CUDA, plain
-    PyTorch on CPU), "triton" (on CPU: the Triton interpreter) or "reference". Returns the model."""
-    from fastdit._dispatch import BackendError
+    PyTorch on CPU), "triton" (on CPU: the Triton interpreter), "cuda" (the CUDA C++ kernels of
+    csrc/dico/, CUDA tensors and the built extension fastdit._C) or "reference". Returns the model.
+
+    The backend's availability is checked here, so a model fused for "cuda" without the extension
+    or a GPU fails at once with the reason, not at its first forward."""
+    from fastdit._dispatch import BackendError, backend_status
 
     blocks = _blocks(model)
     if not blocks:
         raise ValueError("fuse_dico: the model has no DiCoBlock")
-    if backend is not None and backend not in ("triton", "reference"):
-        raise BackendError(f"fuse_dico: backend must be None, 'triton' or 'reference', got {backend!r}")
+    if backend is not None and backend not in ("triton", "cuda", "reference"):
+        raise BackendError(f"fuse_dico: backend must be None, 'triton', 'cuda' or 'reference', got {backend!r}")
+    if backend == "cuda":
+        ok, why = backend_status("dico_block", "cuda")["cuda"]
+        if not ok:
+            raise BackendError(f"fuse_dico: backend 'cuda' is not available ({why})")
     for blk in blocks:
         blk.fused_backend = backend
         blk.forward = types.MethodType(_fused_forward, blk)

@@ -65,6 +65,20 @@ class ClearFluxAttnProcessor(nn.Module):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         # (B, N, H, D) -> (B, H, N, D) views: the kernel reads the strides in place.
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = self._attention(q, k, v)
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            t = encoder_hidden_states.shape[1]
+            encoder_hidden_states, hidden_states = hidden_states[:, :t], hidden_states[:, t:]
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+    def _attention(self, q, k, v):
+        """CLEAR attention of the (B, H, N, D) q, k, v (text tokens first, RoPE applied). The
+        patch-parallel processor (fastdit.distributed.flux) overrides this."""
         n = q.shape[2]
         text_len = n - self.height * self.width
         if text_len < 0:
@@ -80,18 +94,9 @@ class ClearFluxAttnProcessor(nn.Module):
         if self.down_factor:
             pooled = clear_pool_kv(k, v, self.height, self.width, text_len, self.down_factor,
                                    self.spatial_weight.to(k.dtype))
-        out = local_window_attention(q, k, v, height=self.height, width=self.width,
-                                     radius=self.radius, text_len=text_len, pooled_kv=pooled,
-                                     scale=scale, backend=self.backend)
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            t = encoder_hidden_states.shape[1]
-            encoder_hidden_states, hidden_states = hidden_states[:, :t], hidden_states[:, t:]
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+        return local_window_attention(q, k, v, height=self.height, width=self.width,
+                                      radius=self.radius, text_len=text_len, pooled_kv=pooled,
+                                      scale=scale, backend=self.backend)
 
     __call__ = nn.Module.__call__
 

@@ -22,6 +22,10 @@ what the eager block spends its ~20 passes on, and that is what is fused here:
     its backward fuses GELU' with the bias-gradient reduction.
   * conv5's bias + gate2 + residual in one pass; backward writes dz and reduces dgate, dbias.
 All reductions are per-program partial sums added on the host in a fixed order (deterministic).
+
+Backends: "triton" (kernels/dico.py), "cuda" (the CUDA C++ twins in csrc/dico/, torch.ops.fastdit_C,
+the same op-for-op split, so it is a drop-in: every GEMM stays cuBLAS, only the memory-bound
+kernels change; their reductions are summed in a fixed order on the device) and "reference".
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 from fastdit import _validate as V
 from fastdit._dispatch import resolve_backend
+from fastdit._memory import empty
 from fastdit._registry import Case, OpSpec, Provider, register_op
 import fastdit.reference.dico as ref
 
@@ -91,6 +96,120 @@ def _ref_dw_bwd(ga, gpool, u, w9, bias):
 
 
 # ---------------------------------------------------------------------------------------------
+# CUDA C++ backend (csrc/dico/): outputs allocated here (fastdit._memory.empty, so tests can poison
+# them), launched through torch.ops.fastdit_C. Reduction outputs come back fp32.
+# ---------------------------------------------------------------------------------------------
+
+_CUDA_LN_MAX_THREADS = 512  # csrc/dico/dico.cu: kLnMaxThreads (one 16-byte group per thread)
+
+
+def _cuda_ops():
+    """The op namespace the "cuda" backend launches through: torch.ops.fastdit_C (the built
+    extension). tests/test_dico_cuda.py substitutes the CPU emulation of the same kernel source."""
+    return torch.ops.fastdit_C
+
+
+def cuda_max_ln_channels(dtype: torch.dtype) -> int:
+    """Widest C the CUDA LayerNorm kernels take: a block of <= 512 threads holds one pixel row,
+    16 bytes of channels per thread (2048 for float32, 4096 for float16 / bfloat16)."""
+    return _CUDA_LN_MAX_THREADS * (128 // torch.finfo(dtype).bits)
+
+
+def _cuda_check_ln_width(name: str, x: torch.Tensor) -> None:
+    C, limit = x.shape[-1], cuda_max_ln_channels(x.dtype)
+    if C > limit:
+        raise ValueError(f"{name}: backend 'cuda' takes at most C={limit} channels for "
+                         f"{V.dtype_name(x.dtype)} (got C={C}); use backend='triton'")
+
+
+def _f32(shape, like):
+    return empty(shape, dtype=torch.float32, device=like.device)
+
+
+def _cuda_ln_fwd(x, shift, scale, eps):
+    _cuda_check_ln_width("fastdit.dico_ln_modulate", x)
+    y = empty(x.shape, dtype=x.dtype, device=x.device)
+    _cuda_ops().dico_ln_modulate_fwd(x, shift, scale, eps, y)
+    return y
+
+
+def _cuda_ln_bwd(gy, x, scale, eps):
+    _cuda_check_ln_width("fastdit.dico_ln_modulate", x)
+    B, C = x.shape[0], x.shape[-1]
+    dx = empty(x.shape, dtype=x.dtype, device=x.device)
+    dsh, dsc = _f32((B, C), x), _f32((B, C), x)
+    _cuda_ops().dico_ln_modulate_bwd(gy, x, scale, eps, dx, dsh, dsc)
+    return dx, dsh, dsc
+
+
+def _cuda_res_fwd(inp, z, gate, bias, shift, scale, eps):
+    _cuda_check_ln_width("fastdit.dico_residual_ln_modulate", inp)
+    x = empty(inp.shape, dtype=inp.dtype, device=inp.device)
+    y = empty(inp.shape, dtype=inp.dtype, device=inp.device)
+    _cuda_ops().dico_residual_ln_modulate_fwd(inp, z, gate, bias, shift, scale, eps, x, y)
+    return x, y
+
+
+def _cuda_res_bwd(gx, gy, inp, z, gate, bias, scale, eps):
+    _cuda_check_ln_width("fastdit.dico_residual_ln_modulate", inp)
+    B, C = inp.shape[0], inp.shape[-1]
+    dinp = empty(inp.shape, dtype=inp.dtype, device=inp.device)
+    dz = empty(inp.shape, dtype=inp.dtype, device=inp.device)
+    dg, db, dsh, dsc = _f32((B, C), inp), _f32((C,), inp), _f32((B, C), inp), _f32((B, C), inp)
+    _cuda_ops().dico_residual_ln_modulate_bwd(gx, gy, inp, z, gate, bias, scale, eps, dinp, dz, dg, db,
+                                              dsh, dsc)
+    return dinp, dz, dg, db, dsh, dsc
+
+
+def _cuda_dw_fwd(u, w9, bias):
+    a = empty(u.shape, dtype=u.dtype, device=u.device)
+    pooled = _f32((u.shape[0], u.shape[-1]), u)
+    _cuda_ops().dico_dwconv_gelu_pool_fwd(u, w9, bias, a, pooled)
+    return a, pooled
+
+
+def _cuda_dw_bwd(ga, gpool, u, w9, bias):
+    du = empty(u.shape, dtype=u.dtype, device=u.device)
+    dw9, db = _f32(w9.shape, u), _f32(bias.shape, u)
+    _cuda_ops().dico_dwconv_gelu_pool_bwd(ga, gpool.to(torch.float32).contiguous(), u, w9, bias, du, dw9, db)
+    return du, dw9, db
+
+
+def _cuda_bias_gelu_fwd(h, bias):
+    y = empty(h.shape, dtype=h.dtype, device=h.device)
+    _cuda_ops().dico_bias_gelu_fwd(h, bias, y)
+    return y
+
+
+def _cuda_bias_gelu_bwd(gy, h, bias):
+    gh = empty(h.shape, dtype=h.dtype, device=h.device)
+    db = _f32(bias.shape, h)
+    _cuda_ops().dico_bias_gelu_bwd(gy, h, bias, gh, db)
+    return gh, db
+
+
+def _cuda_gated_residual_fwd(res, z, gate, bias):
+    out = empty(res.shape, dtype=res.dtype, device=res.device)
+    _cuda_ops().dico_gated_residual_fwd(res, z, gate, bias, out)
+    return out
+
+
+def _cuda_gated_residual_bwd(g, z, gate, bias):
+    dz = empty(z.shape, dtype=z.dtype, device=z.device)
+    dg, db = _f32(gate.shape, z), _f32(bias.shape, z)
+    _cuda_ops().dico_gated_residual_bwd(g, z, gate, bias, dz, dg, db)
+    return dz, dg, db
+
+
+def _cuda_cca_scale_bwd(a, gg, s):
+    da = empty(a.shape, dtype=a.dtype, device=a.device)
+    a_s = empty(a.shape, dtype=a.dtype, device=a.device)
+    ds = _f32(s.shape, a)
+    _cuda_ops().dico_cca_scale_bwd(a, gg, s, da, a_s, ds)
+    return da, a_s, ds
+
+
+# ---------------------------------------------------------------------------------------------
 # LN + modulate
 # ---------------------------------------------------------------------------------------------
 
@@ -98,8 +217,11 @@ def _ref_dw_bwd(ga, gpool, u, w9, bias):
 @torch.library.custom_op("fastdit::dico_ln_modulate_fwd", mutates_args=())
 def _ln_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
             backend: Optional[str]) -> torch.Tensor:
-    if resolve_backend(OP_LN, backend, x.device) == "triton":
+    chosen = resolve_backend(OP_LN, backend, x.device)
+    if chosen == "triton":
         return _kernels().ln_modulate_fwd(x, shift, scale, eps)
+    if chosen == "cuda":
+        return _cuda_ln_fwd(x, shift, scale, eps)
     return ref.ln_modulate(_work(x), _work(shift), _work(scale), eps).to(x.dtype)
 
 
@@ -112,8 +234,11 @@ def _(x, shift, scale, eps, backend):
 def _ln_bwd(gy: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
             backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gy = gy.contiguous()
-    if resolve_backend(OP_LN, backend, x.device) == "triton":
+    chosen = resolve_backend(OP_LN, backend, x.device)
+    if chosen == "triton":
         dx, dsh, dsc = _kernels().ln_modulate_bwd(gy, x, scale, eps)
+    elif chosen == "cuda":
+        dx, dsh, dsc = _cuda_ln_bwd(gy, x, scale, eps)
     else:
         dx, dsh, dsc = _ref_ln_bwd(_work(gy), _work(x), _work(scale), eps)
     return dx.to(x.dtype), dsh.to(shift.dtype), dsc.to(scale.dtype)
@@ -181,8 +306,11 @@ def _res_ln_ref(inp, z, gate, bias, shift, scale, eps):
 def _res_fwd(inp: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor,
              shift: torch.Tensor, scale: torch.Tensor, eps: float,
              backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if resolve_backend(OP_RES_LN, backend, inp.device) == "triton":
+    chosen = resolve_backend(OP_RES_LN, backend, inp.device)
+    if chosen == "triton":
         return _kernels().ln_modulate_fwd(inp, shift, scale, eps, z=z, gate=gate, bias=bias)
+    if chosen == "cuda":
+        return _cuda_res_fwd(inp, z, gate, bias, shift, scale, eps)
     x, y = _res_ln_ref(*(_work(t) for t in (inp, z, gate, bias, shift, scale)), eps)
     return x.to(inp.dtype), y.to(inp.dtype)
 
@@ -198,9 +326,12 @@ def _res_bwd(gx: torch.Tensor, gy: torch.Tensor, inp: torch.Tensor, z: torch.Ten
              backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor, torch.Tensor]:
     gx, gy = gx.contiguous(), gy.contiguous()
-    if resolve_backend(OP_RES_LN, backend, inp.device) == "triton":
+    chosen = resolve_backend(OP_RES_LN, backend, inp.device)
+    if chosen == "triton":
         dinp, dz, dg, db, dsh, dsc = _kernels().ln_modulate_bwd(gy, inp, scale, eps, z=z, gate=gate,
                                                                 bias=bias, gx=gx)
+    elif chosen == "cuda":
+        dinp, dz, dg, db, dsh, dsc = _cuda_res_bwd(gx, gy, inp, z, gate, bias, scale, eps)
     else:
         inp_, z_, gate_ = _work(inp), _work(z) + _work(bias), _work(gate)
         x = inp_ + gate_[:, None, None, :] * z_
@@ -274,8 +405,11 @@ def residual_ln_modulate(inp: torch.Tensor, z: torch.Tensor, gate: torch.Tensor,
 
 @torch.library.custom_op("fastdit::dico_bias_gelu_fwd", mutates_args=())
 def _bg_fwd(h: torch.Tensor, bias: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
-    if resolve_backend(OP_BIAS_GELU, backend, h.device) == "triton":
+    chosen = resolve_backend(OP_BIAS_GELU, backend, h.device)
+    if chosen == "triton":
         return _kernels().bias_gelu_fwd(h, bias)
+    if chosen == "cuda":
+        return _cuda_bias_gelu_fwd(h, bias)
     return ref.bias_gelu(_work(h), _work(bias)).to(h.dtype)
 
 
@@ -288,8 +422,11 @@ def _(h, bias, backend):
 def _bg_bwd(gy: torch.Tensor, h: torch.Tensor, bias: torch.Tensor,
             backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
     gy = gy.contiguous()
-    if resolve_backend(OP_BIAS_GELU, backend, h.device) == "triton":
+    chosen = resolve_backend(OP_BIAS_GELU, backend, h.device)
+    if chosen == "triton":
         gh, db = _kernels().bias_gelu_bwd(gy, h, bias)
+    elif chosen == "cuda":
+        gh, db = _cuda_bias_gelu_bwd(gy, h, bias)
     else:
         gh = _work(gy) * _gelu_grad(_work(h) + _work(bias))
         db = gh.sum(dim=tuple(range(gh.dim() - 1)))
@@ -332,8 +469,11 @@ def bias_gelu(h: torch.Tensor, bias: torch.Tensor, *, backend: Optional[str] = N
 @torch.library.custom_op("fastdit::dico_gated_residual_fwd", mutates_args=())
 def _gr_fwd(res: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor,
             backend: Optional[str]) -> torch.Tensor:
-    if resolve_backend(OP_GATED_RES, backend, res.device) == "triton":
+    chosen = resolve_backend(OP_GATED_RES, backend, res.device)
+    if chosen == "triton":
         return _kernels().gated_residual_fwd(res, z, gate, bias)
+    if chosen == "cuda":
+        return _cuda_gated_residual_fwd(res, z, gate, bias)
     return ref.gated_residual(*(_work(t) for t in (res, z, gate, bias))).to(res.dtype)
 
 
@@ -346,8 +486,11 @@ def _(res, z, gate, bias, backend):
 def _gr_bwd(g: torch.Tensor, z: torch.Tensor, gate: torch.Tensor, bias: torch.Tensor,
             backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = g.contiguous()
-    if resolve_backend(OP_GATED_RES, backend, z.device) == "triton":
+    chosen = resolve_backend(OP_GATED_RES, backend, z.device)
+    if chosen == "triton":
         dz, dg, db = _kernels().gated_residual_bwd(g, z, gate, bias)
+    elif chosen == "cuda":
+        dz, dg, db = _cuda_gated_residual_bwd(g, z, gate, bias)
     else:
         g_, gate_ = _work(g), _work(gate)
         dz = g_ * gate_[:, None, None, :]
@@ -420,7 +563,7 @@ def cca_fold_into_weight(C: int, HW: int) -> bool:
 @torch.library.custom_op("fastdit::dico_cca_conv3_fwd", mutates_args=())
 def _cc_fwd(a: torch.Tensor, s: torch.Tensor, w: torch.Tensor, backend: Optional[str]) -> torch.Tensor:
     B, H, W, C = a.shape
-    if resolve_backend(OP_CCA_CONV3, backend, a.device) != "triton":
+    if resolve_backend(OP_CCA_CONV3, backend, a.device) not in ("triton", "cuda"):
         return ref.cca_conv3(_work(a), _work(s), _work(w)[:, :, None, None]).to(a.dtype)
     if cca_fold_into_weight(C, H * W):
         wb = w[None, :, :] * s[:, None, :]  # (B, C_out, C_in)
@@ -436,13 +579,15 @@ def _(a, s, w, backend):
 @torch.library.custom_op("fastdit::dico_cca_conv3_bwd", mutates_args=())
 def _cc_bwd(gz: torch.Tensor, a: torch.Tensor, s: torch.Tensor, w: torch.Tensor,
             backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """G = gz @ W3 (cuBLAS); one pass over (a, G): da = G * s, a * s, ds = sum a * G;
-    dW3 = gz^T @ (a * s) (cuBLAS, over all pixels)."""
+    """G = gz @ W3 (cuBLAS); one pass over (a, G): da = G * s, a * s, ds = sum a * G (the Triton
+    or CUDA C++ kernel); dW3 = gz^T @ (a * s) (cuBLAS, over all pixels)."""
     gz = gz.contiguous()
     Co, Ci = w.shape
-    if resolve_backend(OP_CCA_CONV3, backend, a.device) == "triton":
+    chosen = resolve_backend(OP_CCA_CONV3, backend, a.device)
+    if chosen in ("triton", "cuda"):
         gg = (gz.reshape(-1, Co) @ w).reshape(a.shape)
-        da, a_s, ds = _kernels().cca_scale_bwd(a, gg, s)
+        scale_bwd = _kernels().cca_scale_bwd if chosen == "triton" else _cuda_cca_scale_bwd
+        da, a_s, ds = scale_bwd(a, gg, s)
         dw = gz.reshape(-1, Co).t() @ a_s.reshape(-1, Ci)
     else:
         gz_, a_, s_, w_ = _work(gz), _work(a), _work(s)[:, None, None, :], _work(w)
@@ -506,8 +651,12 @@ def _w9_to_weight(w9):
 @torch.library.custom_op("fastdit::dico_dwconv_gelu_pool_fwd", mutates_args=())
 def _dw_fwd(u: torch.Tensor, w9: torch.Tensor, bias: torch.Tensor,
             backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    if resolve_backend(OP_DW, backend, u.device) == "triton":
+    chosen = resolve_backend(OP_DW, backend, u.device)
+    if chosen == "triton":
         return _kernels().dwconv_gelu_fwd(u, w9, bias)
+    if chosen == "cuda":
+        a, pooled = _cuda_dw_fwd(u, w9, bias)
+        return a, pooled.to(u.dtype)
     a, pooled = ref.dwconv_gelu_pool(_work(u), _w9_to_weight(_work(w9)), _work(bias))
     return a.to(u.dtype), pooled.to(u.dtype)
 
@@ -521,8 +670,11 @@ def _(u, w9, bias, backend):
 def _dw_bwd(ga: torch.Tensor, gpool: torch.Tensor, u: torch.Tensor, w9: torch.Tensor,
             bias: torch.Tensor, backend: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ga = ga.contiguous()
-    if resolve_backend(OP_DW, backend, u.device) == "triton":
+    chosen = resolve_backend(OP_DW, backend, u.device)
+    if chosen == "triton":
         du, dw, db = _kernels().dwconv_gelu_bwd(ga, gpool, u, w9, bias)
+    elif chosen == "cuda":
+        du, dw, db = _cuda_dw_bwd(ga, gpool, u, w9, bias)
     else:
         du, dw, db = _ref_dw_bwd(_work(ga), _work(gpool), _work(u), _work(w9), _work(bias))
     return du.to(u.dtype), dw.to(w9.dtype), db.to(bias.dtype)
@@ -856,23 +1008,23 @@ def _block_baselines():
 
 _compiled_cache: Dict[str, object] = {}
 
-register_op(OpSpec(name=OP_LN, fn=ln_modulate, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_LN, fn=ln_modulate, backends=("triton", "cuda", "reference"),
                    check_cases=_ln_check_cases, summary="DiCo: channel LayerNorm + adaLN modulate (NHWC)"))
-register_op(OpSpec(name=OP_RES_LN, fn=residual_ln_modulate, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_RES_LN, fn=residual_ln_modulate, backends=("triton", "cuda", "reference"),
                    check_cases=_res_check_cases,
                    summary="DiCo: residual + gate, then channel LayerNorm + modulate (NHWC)"))
-register_op(OpSpec(name=OP_DW, fn=dwconv_gelu_pool, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_DW, fn=dwconv_gelu_pool, backends=("triton", "cuda", "reference"),
                    check_cases=_dw_check_cases,
                    summary="DiCo: depthwise 3x3 + bias + GELU + global average pool (NHWC)"))
-register_op(OpSpec(name=OP_BIAS_GELU, fn=bias_gelu, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_BIAS_GELU, fn=bias_gelu, backends=("triton", "cuda", "reference"),
                    check_cases=_bias_gelu_check_cases, summary="DiCo: conv4 epilogue, bias + exact GELU (NHWC)"))
-register_op(OpSpec(name=OP_GATED_RES, fn=gated_residual, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_GATED_RES, fn=gated_residual, backends=("triton", "cuda", "reference"),
                    check_cases=_gated_res_check_cases,
                    summary="DiCo: conv5 epilogue, bias + gate + residual (NHWC)"))
-register_op(OpSpec(name=OP_CCA_CONV3, fn=cca_conv3, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_CCA_CONV3, fn=cca_conv3, backends=("triton", "cuda", "reference"),
                    check_cases=_cca_conv3_check_cases,
                    summary="DiCo: conv3 on the CCA-scaled operand (scale folded into weight or operand)"))
-register_op(OpSpec(name=OP_BLOCK, fn=_block_flat, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_BLOCK, fn=_block_flat, backends=("triton", "cuda", "reference"),
                    check_cases=_block_check_cases, bench_cases=_block_bench_cases,
                    baselines=_block_baselines,
                    summary="DiCo block (fused LN/modulate, dwconv+GELU+pool, residual+LN; cuBLAS 1x1)"))
@@ -889,9 +1041,9 @@ def dico_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, model,
                backend: Optional[str] = None) -> torch.Tensor:
     """One forward of a DiCo `model` on latents x (B, C_in, H, W), timesteps t (B,), labels y (B,).
 
-    backend "triton" (None on CUDA) runs every block through the fused path (`fuse_dico`, with x
-    fed channels-last so the block-edge permutes are free); "reference" (None on CPU) runs the
-    plain unfused model. The model's fused state is restored afterwards and its parameters are
+    backend "triton" (None on CUDA) or "cuda" (the CUDA C++ kernels) runs every block through the
+    fused path (`fuse_dico`, with x fed channels-last so the block-edge permutes are free);
+    "reference" (None on CPU) runs the plain unfused model. The model's fused state is restored afterwards and its parameters are
     never touched. For the benchmark's model-level rows (images/s = batch / time).
     """
     import types
@@ -905,8 +1057,8 @@ def dico_model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *, model,
     blocks = _dico_blocks(model)
     saved = [(b.fused_backend, "forward" in b.__dict__) for b in blocks]
     try:
-        if chosen == "triton":
-            fuse_dico(model, backend="triton")
+        if chosen in ("triton", "cuda"):
+            fuse_dico(model, backend=chosen)
             return model(x.contiguous(memory_format=torch.channels_last), t, y)
         unfuse_dico(model)
         return model(x, t, y)
@@ -1083,6 +1235,6 @@ def _model_baselines():
             Provider("DiT-XL/2 (diffusers)", dit, available=_diffusers_available, checks_correctness=False)]
 
 
-register_op(OpSpec(name=OP_MODEL, fn=dico_model, backends=("triton", "reference"),
+register_op(OpSpec(name=OP_MODEL, fn=dico_model, backends=("triton", "cuda", "reference"),
                    check_cases=_model_check_cases, bench_cases=_model_bench_cases, baselines=_model_baselines,
                    summary="DiCo model forward: fused blocks vs unfused; DiCo-XL vs DiT-XL/2 images/s"))

@@ -1,9 +1,12 @@
 """fastdit.local_window_attention: CLEAR's circular local-window attention (methods.md section 1).
 
-Layers: kernels/local_window_attention.py (Triton kernels + launchers) -> the custom ops
-`fastdit::local_window_attention_fwd/bwd` here (+ fake kernels and autograd) -> the public
-functional -> registration with the harness (checks, benchmarks, baselines). Also the pooled-KV
-helper `clear_pool_kv` and the work model `local_window_work`.
+Layers: kernels/local_window_attention.py (Triton kernels + launchers) and
+csrc/local_window_attention (the CUDA C++ tensor-core forward, `torch.ops.fastdit_C.
+local_window_attention_fwd`) -> the custom ops `fastdit::local_window_attention_fwd/bwd` here
+(+ fake kernels and autograd) -> the public functional -> registration with the harness (checks,
+benchmarks, baselines). Also the pooled-KV helper `clear_pool_kv` and the work model
+`local_window_work`. backend="cuda" runs the CUDA C++ forward and the Triton backward (from the
+saved LSE).
 """
 from __future__ import annotations
 
@@ -16,11 +19,14 @@ import torch.nn.functional as F
 
 from fastdit import _validate as V
 from fastdit._dispatch import resolve_backend
+from fastdit._memory import empty
 from fastdit._registry import Case, OpSpec, Provider, register_op
 import fastdit.reference.local_window_attention as ref_mod
 
 OP = "local_window_attention"
 SUPPORTED_D = (32, 64, 128)
+CUDA_D = (64, 128)  # head dims and dtypes of the CUDA C++ forward (csrc/local_window_attention)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 # The forward tiles the kernel ships for 16-bit D=128 (kernels/local_window_attention.py
 # _FWD_TILES; a test keeps the two in sync): query patch QY x QX, key patch KY x KX.
 FWD_TILE_16BIT_D128 = (8, 8, 4, 16)
@@ -110,6 +116,7 @@ def local_window_work(height: int, width: int, radius: float, text_len: int = 0,
       mask_pairs: pairs the CLEAR mask allows (the floor);
       ours_pairs: pairs fastdit's Triton forward computes (whole tiles: QY x QX query patches times
                   KY x KX key patches within the radius, plus the dense text / pooled segments);
+                  the CUDA C++ forward walks the same tiles (16-bit D=128: the default `tile`);
       flex_pairs: pairs FlexAttention computes (whole flex_block^2 blocks of the row-major order
                   that contain any allowed pair);
       dense_pairs: N * (N + pooled);
@@ -179,12 +186,36 @@ def _reference_bwd(g, q, k, v, kp, vp, height, width, radius, text_len, scale):
     return tuple(None if t is None else t.to(dtype).clone() for t in out)
 
 
+def _aligned16(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the CUDA kernel can read it with 16-byte loads (aligned data, strides that
+    are multiples of 8 elements), else a contiguous aligned copy."""
+    if t.stride(-1) == 1 and all(s % 8 == 0 for s in t.stride()[:3]) and t.data_ptr() % 16 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _cuda_fwd(q, k, v, kp, vp, height, width, radius, text_len, scale):
+    """CUDA C++ forward (csrc/local_window_attention): (o, lse (B, H, N) fp32, natural log).
+    Outputs are allocated here (fastdit._memory.empty) so tests can poison them."""
+    B, H, N, D = q.shape
+    q, k, v = (_aligned16(t) for t in (q, k, v))
+    if kp is not None:
+        kp, vp = _aligned16(kp), _aligned16(vp)
+    o = empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = empty((B, H, N), dtype=torch.float32, device=q.device)
+    torch.ops.fastdit_C.local_window_attention_fwd(q, k, v, kp, vp, height, width, float(radius),
+                                                   text_len, float(scale), o, lse)
+    return o, lse
+
+
 @torch.library.custom_op("fastdit::local_window_attention_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kp: Optional[torch.Tensor],
             vp: Optional[torch.Tensor], height: int, width: int, radius: float, text_len: int,
             scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _kernels().clear_fwd(q, k, v, kp, vp, height, width, radius, text_len, scale)
+    if backend == "cuda":  # pragma: no cover - needs a GPU and the built extension
+        return _cuda_fwd(q, k, v, kp, vp, height, width, radius, text_len, scale)
     return _reference_fwd(q, k, v, kp, vp, height, width, radius, text_len, scale)
 
 
@@ -199,7 +230,7 @@ def _bwd_op(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             kp: Optional[torch.Tensor], vp: Optional[torch.Tensor], o: torch.Tensor,
             lse: torch.Tensor, height: int, width: int, radius: float, text_len: int, scale: float,
             backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
+    if backend in ("triton", "cuda"):  # the CUDA C++ backend has no backward: Triton's kernels
         dq, dk, dv, dkp, dvp = _kernels().clear_bwd(g.contiguous(), q, k, v, kp, vp, o, lse, height,
                                                     width, radius, text_len, scale)
     else:
@@ -256,8 +287,31 @@ def _flex_available(device_type: str) -> Tuple[bool, str]:
     return True, ""
 
 
-def _cuda_unavailable(device_type: str) -> Tuple[bool, str]:
-    return False, "no CUDA C++ kernel for local_window_attention yet (Triton is the GPU backend)"
+def _cuda_available(device_type: str) -> Tuple[bool, str]:
+    """The CUDA C++ forward needs CUDA tensors, the built extension with this op, and Triton (the
+    backward runs on Triton's kernels)."""
+    from fastdit import _cuda_ext
+    from fastdit._dispatch import triton_importable
+
+    if device_type != "cuda":
+        return False, "the CUDA C++ backend needs CUDA tensors"
+    ok, why = _cuda_ext.status()
+    if not ok:
+        return ok, why
+    if not hasattr(torch.ops.fastdit_C, "local_window_attention_fwd"):
+        return False, "fastdit._C was built without csrc/local_window_attention (rebuild it)"
+    ok, why = triton_importable()
+    return (True, "") if ok else (False, f"the backward needs Triton: {why}")
+
+
+def check_cuda_args(name: str, dtype: torch.dtype, D: int) -> None:
+    """ValueError naming what the CUDA C++ forward supports (before any launch)."""
+    if dtype not in CUDA_DTYPES:
+        raise ValueError(f"{name}: backend='cuda' supports dtype float16 and bfloat16, got {dtype} "
+                         f"(use backend='triton' for float32)")
+    if D not in CUDA_D:
+        raise ValueError(f"{name}: backend='cuda' supports head dim D in "
+                         f"{{{', '.join(map(str, CUDA_D))}}}, got D={D} (use backend='triton')")
 
 
 def clear_mask_mod(height: int, width: int, radius: float, text_len: int = 0, pooled: int = 0):
@@ -342,7 +396,8 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return_lse: also return the log-sum-exp (B, H, N) fp32 (not differentiable).
         backend: None (Triton on CUDA, the reference on CPU), "triton" (on CPU: the Triton
             interpreter), "reference" (plain PyTorch, dense mask), "flex" (FlexAttention with the
-            same mask; compiled on CUDA).
+            same mask; compiled on CUDA), "cuda" (CUDA C++ tensor-core forward, fp16 / bf16,
+            D in {64, 128}; the backward runs on the Triton kernels).
     Returns:
         o (B, H, N, D) in q's dtype, or (o, lse) with return_lse=True.
     """
@@ -386,6 +441,8 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     if kp is not None:
         kp, vp = (t if t.stride(-1) == 1 else t.contiguous() for t in (kp, vp))
     name_b = resolve_backend(OP, backend, q.device)
+    if name_b == "cuda":
+        check_cuda_args(name, q.dtype, D)
     if name_b == "flex":
         o, lse = _flex_forward(q, k, v, kp, vp, height, width, radius, text_len, float(scale))
     else:
@@ -529,5 +586,5 @@ register_op(OpSpec(
     name=OP, fn=local_window_attention, backends=("triton", "flex", "reference", "cuda"),
     check_cases=_check_cases, bench_cases=_bench_cases, baselines=_baselines,
     summary="CLEAR circular local-window attention (2D-tiled, text prefix, pooled keys)",
-    backend_available={"flex": _flex_available, "cuda": _cuda_unavailable},
+    backend_available={"flex": _flex_available, "cuda": _cuda_available},
 ))

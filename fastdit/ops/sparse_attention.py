@@ -3,6 +3,8 @@
 Layers: kernels/sparse_attention.py (Triton kernels + launchers) -> the custom ops
 `fastdit::sparse_attention_fwd/bwd`, `fastdit::rettention_refresh`, `fastdit::rettention_sparse`
 here (+ fake kernels and autograd) -> the public functionals -> registration with the harness.
+`rettention_sparse(..., backend="cuda")` runs the CUDA C++ tensor-core window kernel
+(csrc/local_window_attention, `torch.ops.fastdit_C.rettention_sparse_fwd`) with the fused epilogue.
 The circle window (CLEAR's) is not a kernel of this module: it runs through
 `fastdit.local_window_attention(..., return_lse=True)`.
 """
@@ -339,12 +341,27 @@ def _sparse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rho: torch.Ten
         o, _ = _kernels().sparse_fwd(q, k, v, win._kernel_dict(), scale, rho=rho,
                                      residual=residual, write_lse=False)
         return o
-    if name == "cuda":  # pragma: no cover
-        raise NotImplementedError("fastdit.rettention_sparse: CUDA C++ backend not built yet")
+    if name == "cuda":  # pragma: no cover - needs a GPU and the built extension
+        return _cuda_sparse(q, k, v, rho, residual, win, scale)
     w = _work(q)
     mask = win.dense_mask(q.shape[2], device=q.device)
     return ref_mod.sparse_step(q.to(w), k.to(w), v.to(w), mask, rho.to(w), residual.to(w),
                                scale).to(q.dtype)
+
+
+def _cuda_sparse(q, k, v, rho, residual, win: Window, scale):
+    """CUDA C++ sparse step: o = rho * window_attention(q, k, v) + residual, fused (band /
+    frame_band). o is allocated here (fastdit._memory.empty) so tests can poison it."""
+    from fastdit._memory import empty
+    from fastdit.ops.local_window_attention import _aligned16
+
+    q, k, v = (_aligned16(t) for t in (q, k, v))
+    rho, residual = (t if t.data_ptr() % 16 == 0 else t.clone() for t in (rho, residual))
+    o = empty(q.shape, dtype=q.dtype, device=q.device)
+    torch.ops.fastdit_C.rettention_sparse_fwd(q, k, v, rho, residual, win.kind, win.text_len,
+                                              win.half_width, win.frame_len, win.num_frames,
+                                              float(scale), o)
+    return o
 
 
 @_sparse_op.register_fake
@@ -461,10 +478,19 @@ def rettention_sparse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
                       backend: Optional[str] = None) -> torch.Tensor:
     """Re-ttention's sparse step: o = rho * o_window + residual, the reshape fused into the window
     kernel's epilogue (band / frame_band). rho: (B, H, N) fp32; residual: (B, H, N, D) in q's dtype
-    or fp32. Returns o in q's dtype; not differentiable (inference)."""
+    or fp32. Returns o in q's dtype; not differentiable (inference).
+
+    backend: None (Triton on CUDA, the reference on CPU), "triton", "reference", or "cuda" (CUDA
+    C++ tensor-core kernel, fp16 / bf16, D in {64, 128}; circle windows run CLEAR's CUDA forward
+    with the epilogue applied after it)."""
     name = "fastdit.rettention_sparse"
     _check_qkv(name, q, k, v, window)
     B, H, N, D = q.shape
+    if backend == "cuda":  # unavailable here -> BackendError; else unsupported shapes -> ValueError
+        from fastdit.ops.local_window_attention import check_cuda_args
+
+        resolve_backend("rettention_sparse", backend, q.device)
+        check_cuda_args(name, q.dtype, D)
     V.check_tensor(name, "rho", rho, ndim=3, dtypes=(torch.float32,))
     V.check_tensor(name, "residual", residual, ndim=4, dtypes=(q.dtype, torch.float32))
     if tuple(rho.shape) != (B, H, N):
@@ -871,6 +897,20 @@ def _schedule_baselines():
 
 _BACKENDS = ("triton", "cuda", "reference")
 _AVAIL = {"cuda": lambda device_type: (False, "no CUDA C++ kernel for this op yet (use triton)")}
+
+
+def _sparse_cuda_available(device_type: str) -> Tuple[bool, str]:
+    from fastdit import _cuda_ext
+
+    if device_type != "cuda":
+        return False, "the CUDA C++ backend needs CUDA tensors"
+    ok, why = _cuda_ext.status()
+    if ok and not hasattr(torch.ops.fastdit_C, "rettention_sparse_fwd"):
+        return False, "fastdit._C was built without csrc/local_window_attention (rebuild it)"
+    return ok, why
+
+
+_SPARSE_AVAIL = {"cuda": _sparse_cuda_available}
 register_op(OpSpec(
     name="sparse_attention", fn=sparse_attention, backends=_BACKENDS,
     check_cases=_attn_check_cases, bench_cases=_attn_bench_cases, baselines=_attn_baselines, backend_available=_AVAIL,
@@ -883,7 +923,8 @@ register_op(OpSpec(
 ))
 register_op(OpSpec(
     name="rettention_sparse", fn=rettention_sparse, backends=_BACKENDS,
-    check_cases=_sparse_check_cases, bench_cases=_sparse_bench_cases, baselines=_sparse_baselines, backend_available=_AVAIL,
+    check_cases=_sparse_check_cases, bench_cases=_sparse_bench_cases, baselines=_sparse_baselines,
+    backend_available=_SPARSE_AVAIL,
     summary="Re-ttention sparse step: rho * window attention + residual, fused epilogue",
 ))
 register_op(OpSpec(

@@ -32,6 +32,7 @@ inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }  // device intrinsic (approximate on GPU)
 
 // ---- 16-bit types (round to nearest even, like the CUDA intrinsics)
 struct __half { _Float16 v; };

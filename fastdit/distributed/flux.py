@@ -1,0 +1,103 @@
+"""Patch-parallel CLEAR for diffusers' FluxTransformer2DModel.
+
+Everything in a FLUX block except attention acts on each token alone (projections, norms, MLPs,
+RoPE from per-token ids, adaLN from the replicated timestep/pooled text), so patch parallelism only
+needs each rank to feed the transformer its band of image tokens and their ids, and the attention
+to be the patch-parallel CLEAR op:
+
+    apply_clear_patch_parallel(transformer, radius=16, height=H, width=W, group=group)
+    out = flux_forward_patch_parallel(transformer, height=H, width=W, group=group,
+                                      hidden_states=x, img_ids=img_ids, encoder_hidden_states=...,
+                                      txt_ids=..., pooled_projections=..., timestep=...)
+    revert_clear(transformer)       # fastdit.integrations.revert_clear restores the processors
+
+`x` and `img_ids` are the FULL image's (the same on every rank); each rank keeps its band.
+The pooled-KV variant (down_factor) is not supported patch-parallel: its pooled keys would need the
+whole image on every rank.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from fastdit.distributed._group import band_bounds, group_info
+from fastdit.distributed.local_window_attention import local_window_attention
+from fastdit.distributed.rows import gather_image_rows, split_image_rows
+from fastdit.integrations.flux import _SAVED, ClearFluxAttnProcessor, _attention_modules
+from fastdit.reference.local_window_attention import proportional_scale
+
+
+class PatchParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
+    """ClearFluxAttnProcessor whose attention is `fastdit.distributed.local_window_attention`:
+    the block sees this rank's text tokens and band of image rows; height/width are the FULL
+    image's, in tokens."""
+
+    def __init__(self, radius: float, height: int, width: int, group=None,
+                 proportional_attention: bool = False, backend: Optional[str] = None,
+                 validate: bool = True):
+        super().__init__(radius, height, width, None, proportional_attention, backend)
+        self.group = group
+        self.validate = validate
+
+    def _attention(self, q, k, v):
+        _, rank, world = group_info(self.group)
+        rows = self.height
+        if 1 < world <= self.height:
+            start, stop = band_bounds(self.height, world)[rank]
+            rows = stop - start
+        text_len = q.shape[2] - rows * self.width
+        if text_len < 0:
+            raise ValueError(f"PatchParallelClearFluxAttnProcessor: rank {rank} holds {rows} image "
+                             f"rows of width {self.width} but got only {q.shape[2]} tokens; feed "
+                             f"each rank its band (flux_forward_patch_parallel does)")
+        head_dim = q.shape[-1]
+        if self.proportional_attention:
+            scale = proportional_scale(text_len + self.height * self.width, head_dim)
+        else:
+            scale = 1.0 / math.sqrt(head_dim)
+        return local_window_attention(q, k, v, height=self.height, width=self.width,
+                                      radius=self.radius, text_len=text_len, group=self.group,
+                                      scale=scale, backend=self.backend, validate=self.validate)
+
+
+def apply_clear_patch_parallel(transformer, radius: float, height: int, width: int, group=None,
+                               proportional_attention: bool = False, backend: Optional[str] = None,
+                               validate: bool = True):
+    """Installs patch-parallel CLEAR attention on every double- and single-stream block of a
+    diffusers FluxTransformer2DModel (in place; `fastdit.integrations.revert_clear` undoes it).
+    height/width: the full image in tokens (pixels // 16). validate: see
+    `fastdit.distributed.local_window_attention` (False saves one small all_gather and, on NCCL,
+    a host sync per attention layer). Returns the transformer."""
+    saved = getattr(transformer, _SAVED, None) or {}
+    param = next(transformer.parameters(), None)
+    for key, attn in _attention_modules(transformer):
+        if key not in saved:
+            saved[key] = attn.processor
+        proc = PatchParallelClearFluxAttnProcessor(radius, height, width, group,
+                                                   proportional_attention, backend, validate)
+        if param is not None:
+            proc.to(device=param.device, dtype=param.dtype)
+        attn.set_processor(proc)
+    if not saved:
+        raise ValueError("apply_clear_patch_parallel: no transformer_blocks / "
+                         "single_transformer_blocks found; expected a diffusers FluxTransformer2DModel")
+    object.__setattr__(transformer, _SAVED, saved)
+    return transformer
+
+
+def flux_forward_patch_parallel(transformer, *, hidden_states: torch.Tensor, img_ids: torch.Tensor,
+                                height: int, width: int, group=None, **kwargs) -> torch.Tensor:
+    """Runs the transformer on this rank's band of image tokens and gathers the full output.
+
+    hidden_states: (B, height * width, C) packed latents of the full image; img_ids:
+    (height * width, 3); both identical on every rank. kwargs: the other forward arguments
+    (encoder_hidden_states, txt_ids, pooled_projections, timestep, guidance, ...), replicated.
+    Returns the (B, height * width, C_out) prediction on every rank (differentiable; see
+    `gather_image_rows` for the gradient convention). Needs `apply_clear_patch_parallel` first."""
+    kwargs = dict(kwargs, return_dict=False)
+    x = split_image_rows(hidden_states, height, width, 0, group)
+    ids = split_image_rows(img_ids, height, width, 0, group)
+    out = transformer(hidden_states=x, img_ids=ids, **kwargs)[0]
+    return gather_image_rows(out, height, width, 0, group)
