@@ -41,10 +41,18 @@ fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = sanitize ]; then
   step "compute-sanitizer (memcheck, racecheck) on a small subset"
+  # Triton kernels (small registered cases) and every CUDA C++ kernel (the GPU-marked tests of the
+  # csrc/ ops: linear attention, CLEAR / Re-ttention window attention, DiCo block).
   for tool in memcheck racecheck; do
     compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
       python3 -m pytest -q -x -p no:xdist tests/test_registered_ops.py -k "N=7 or N=33 or 7x13" \
-      >>"$OUT/sanitizer.log" 2>&1 && echo "$tool: clean" || { echo "$tool: FAILED (see sanitizer.log)"; status=1; }
+      >>"$OUT/sanitizer.log" 2>&1 && echo "$tool (triton subset): clean" \
+      || { echo "$tool (triton subset): FAILED (see sanitizer.log)"; status=1; }
+    compute-sanitizer --tool "$tool" --target-processes all --error-exitcode 9 \
+      python3 -m pytest -q -x -p no:xdist -m gpu tests/test_cuda_backend.py tests/test_clear_cuda.py \
+      tests/test_dico_cuda.py -k "not flux_scale and not fused_model" \
+      >>"$OUT/sanitizer.log" 2>&1 && echo "$tool (CUDA C++ kernels): clean" \
+      || { echo "$tool (CUDA C++ kernels): FAILED (see sanitizer.log)"; status=1; }
   done
 fi
 

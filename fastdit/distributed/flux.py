@@ -25,7 +25,7 @@ import torch
 from fastdit.distributed._group import band_bounds, group_info
 from fastdit.distributed.local_window_attention import local_window_attention
 from fastdit.distributed.rows import gather_image_rows, split_image_rows
-from fastdit.integrations.flux import _SAVED, ClearFluxAttnProcessor, _attention_modules
+from fastdit.integrations.flux import ClearFluxAttnProcessor, install_processors
 from fastdit.reference.local_window_attention import proportional_scale
 
 
@@ -70,21 +70,10 @@ def apply_clear_patch_parallel(transformer, radius: float, height: int, width: i
     height/width: the full image in tokens (pixels // 16). validate: see
     `fastdit.distributed.local_window_attention` (False saves one small all_gather and, on NCCL,
     a host sync per attention layer). Returns the transformer."""
-    saved = getattr(transformer, _SAVED, None) or {}
-    param = next(transformer.parameters(), None)
-    for key, attn in _attention_modules(transformer):
-        if key not in saved:
-            saved[key] = attn.processor
-        proc = PatchParallelClearFluxAttnProcessor(radius, height, width, group,
-                                                   proportional_attention, backend, validate)
-        if param is not None:
-            proc.to(device=param.device, dtype=param.dtype)
-        attn.set_processor(proc)
-    if not saved:
-        raise ValueError("apply_clear_patch_parallel: no transformer_blocks / "
-                         "single_transformer_blocks found; expected a diffusers FluxTransformer2DModel")
-    object.__setattr__(transformer, _SAVED, saved)
-    return transformer
+    return install_processors(
+        transformer, "apply_clear_patch_parallel",
+        lambda: PatchParallelClearFluxAttnProcessor(radius, height, width, group,
+                                                    proportional_attention, backend, validate))
 
 
 def flux_forward_patch_parallel(transformer, *, hidden_states: torch.Tensor, img_ids: torch.Tensor,

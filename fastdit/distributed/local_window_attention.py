@@ -18,11 +18,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from fastdit import _validate as V
 from fastdit._dispatch import resolve_backend
 from fastdit.distributed._group import (DTYPES, AllGatherStack, InputMismatch, band_bounds,
                                         comm_device, exchange_meta, global_rank, group_info)
-from fastdit.ops.local_window_attention import OP, SUPPORTED_D, _radius_bound
+from fastdit.ops.local_window_attention import OP, _radius_bound, check_window_args
 from fastdit.ops.local_window_attention import local_window_attention as _single_gpu_op
 
 _BACKENDS = (None, "triton", "reference", "flex", "cuda")
@@ -179,25 +178,7 @@ def _text_attention(q, k, v, text_len, scale, rank, world, group):
 def _validate_local(name, q, k, v, height, width, radius, text_len, scale, backend, rank, world):
     """Checks this rank's own arguments; returns (message or None, description row)."""
     try:
-        for arg, t in (("q", q), ("k", k), ("v", v)):
-            V.check_tensor(name, arg, t, ndim=4)
-        V.check_same(name, {"q": q, "k": k, "v": v})
-        if k.shape != q.shape or v.shape != q.shape:
-            raise ValueError(f"{name}: q, k and v must have the same shape (B, H, N, D), got "
-                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        for arg, value, minimum in (("height", height, 1), ("width", width, 1),
-                                    ("text_len", text_len, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name}: {arg} must be an int >= {minimum}, got {value!r}")
-        if isinstance(radius, bool) or not isinstance(radius, (int, float)) \
-                or not math.isfinite(radius) or radius <= 0:
-            raise ValueError(f"{name}: radius must be a finite number > 0 (tokens), got {radius!r}")
-        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                                  or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"{name}: scale must be a finite number > 0, got {scale!r}")
-        if q.shape[-1] not in SUPPORTED_D:
-            raise ValueError(f"{name}: head dim D={q.shape[-1]} is not supported; accepted: "
-                             f"{', '.join(map(str, SUPPORTED_D))}")
+        check_window_args(name, q, k, v, height, width, radius, text_len, scale)
         if world > height:
             raise ValueError(f"{name}: the group has {world} ranks but the image only {height} rows;"
                              f" every rank needs at least one row (use a smaller group, or the "

@@ -117,18 +117,27 @@ def apply_clear(transformer, radius: float, height: int, width: int,
     if down_factor is not None and (height % down_factor or width % down_factor):
         raise ValueError(f"apply_clear: height={height} and width={width} must be divisible by "
                          f"down_factor={down_factor}")
+    return install_processors(
+        transformer, "apply_clear",
+        lambda: ClearFluxAttnProcessor(radius, height, width, down_factor, proportional_attention,
+                                       backend))
+
+
+def install_processors(transformer, caller: str, make_processor):
+    """Sets `make_processor()` (one new processor per attention module, on the transformer's
+    device/dtype) on every double- and single-stream block, remembering the original processors
+    once for `revert_clear`. Returns the transformer."""
     saved = getattr(transformer, _SAVED, None) or {}
     param = next(transformer.parameters(), None)
     for key, attn in _attention_modules(transformer):
         if key not in saved:
             saved[key] = attn.processor
-        proc = ClearFluxAttnProcessor(radius, height, width, down_factor, proportional_attention,
-                                      backend)
+        proc = make_processor()
         if param is not None:
             proc.to(device=param.device, dtype=param.dtype)
         attn.set_processor(proc)
     if not saved:
-        raise ValueError("apply_clear: no transformer_blocks / single_transformer_blocks found; "
+        raise ValueError(f"{caller}: no transformer_blocks / single_transformer_blocks found; "
                          "expected a diffusers FluxTransformer2DModel")
     object.__setattr__(transformer, _SAVED, saved)
     return transformer

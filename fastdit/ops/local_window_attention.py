@@ -371,6 +371,30 @@ def _check_int(name, arg, value, minimum):
         raise ValueError(f"{name}: {arg} must be an int >= {minimum}, got {value!r}")
 
 
+def check_window_args(name, q, k, v, height, width, radius, text_len, scale):
+    """The argument checks shared by the single-GPU op and fastdit.distributed's: q, k, v (B, H, N, D)
+    tensors of one shape, device and dtype; height, width >= 1 and text_len >= 0 ints; radius and
+    scale (None allowed) finite and > 0; a supported head dim. (N is checked by the caller.)"""
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        V.check_tensor(name, arg, t, ndim=4)
+    V.check_same(name, {"q": q, "k": k, "v": v})
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"{name}: q, k and v must have the same shape (B, H, N, D), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _check_int(name, "height", height, 1)
+    _check_int(name, "width", width, 1)
+    _check_int(name, "text_len", text_len, 0)
+    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) \
+            or radius <= 0:
+        raise ValueError(f"{name}: radius must be a finite number > 0 (tokens), got {radius!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"{name}: scale must be a finite number > 0, got {scale!r}")
+    if q.shape[-1] not in SUPPORTED_D:
+        raise ValueError(f"{name}: head dim D={q.shape[-1]} is not supported; accepted: "
+                         f"{', '.join(map(str, SUPPORTED_D))}")
+
+
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, height: int,
                            width: int, radius: float, text_len: int = 0,
                            pooled_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -402,30 +426,13 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         o (B, H, N, D) in q's dtype, or (o, lse) with return_lse=True.
     """
     name = "fastdit.local_window_attention"
-    for arg, t in (("q", q), ("k", k), ("v", v)):
-        V.check_tensor(name, arg, t, ndim=4)
-    V.check_same(name, {"q": q, "k": k, "v": v})
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"{name}: q, k and v must have the same shape (B, H, N, D), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_window_args(name, q, k, v, height, width, radius, text_len, scale)
     B, H, N, D = q.shape
-    _check_int(name, "height", height, 1)
-    _check_int(name, "width", width, 1)
-    _check_int(name, "text_len", text_len, 0)
     if N != text_len + height * width:
         raise ValueError(f"{name}: sequence length N={N} must equal text_len + height * width = "
                          f"{text_len} + {height} * {width} = {text_len + height * width}")
-    if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not math.isfinite(radius) \
-            or radius <= 0:
-        raise ValueError(f"{name}: radius must be a finite number > 0 (tokens), got {radius!r}")
-    if D not in SUPPORTED_D:
-        raise ValueError(f"{name}: head dim D={D} is not supported; accepted: "
-                         f"{', '.join(map(str, SUPPORTED_D))}")
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
-            or scale <= 0:
-        raise ValueError(f"{name}: scale must be a finite number > 0, got {scale!r}")
     kp = vp = None
     if pooled_kv is not None:
         if not isinstance(pooled_kv, (tuple, list)) or len(pooled_kv) != 2:
