@@ -553,6 +553,7 @@ def _check_cases() -> List[Case]:
         _case(2, 1, 8, 12, 2, 5, 32, f32, pool=2),
         _case(1, 1, 8, 12, 3, 5, 64, b16, pool=4),
         _case(1, 1, 9, 11, 3, 77, 128, f16, backward=False),
+        _case(1, 1, 6, 9, 2, 3, 128, b16),  # D=128 (FLUX) backward
         _case(1, 1, 7, 13, 2.5, 5, 32, f32, backward=False, return_lse=True),
     ]
 
