@@ -6,11 +6,13 @@
 * No GPU needed:
   - `import fastdit` works without the extension and reports the cuda backend unavailable with a
     reason;
-  - CPU emulation: the SAME kernel source (csrc/linear_attention/linear_attention.cu) compiled with
-    g++ against tests/cuda_emu/cuda_emu.h (one thread per CUDA thread, real barriers and shared
-    memory) runs the forward + backward through run_case on CPU tensors. This checks indexing,
-    masking, the split reduction, the scalar and 16-byte vector paths and the math; it says nothing
-    about races the emulation's barriers hide, timing or the real conversion intrinsics;
+  - CPU emulation: the SAME kernel source (csrc/linear_attention/linear_attention.cu, fp32 FMA
+    kernels, and linear_attention_tc.cu, the fp16 / bf16 tensor-core kernels) compiled with g++
+    against tests/cuda_emu/cuda_emu.h (one thread per CUDA thread, real barriers and shared
+    memory; ldmatrix / mma.sync fragments lane by lane) runs the forward + backward through
+    run_case on CPU tensors. This checks indexing, masking, the split reduction, the fragment
+    layouts, the scalar and 16-byte vector paths and the math; it says nothing about races the
+    emulation's barriers hide, timing or the real conversion intrinsics;
   - (slow) the extension (bindings + every kernel) builds from the checkout's csrc/ with
     torch.utils.cpp_extension for sm_90a into a temp dir, loads, and registers its op schemas.
 """
@@ -287,12 +289,31 @@ def test_emulated_kernels_match_reference(emu_lib, case):
     assert_all_ok(result.comparisons, f"cuda (CPU emulation) {case.label}")
 
 
-def test_emulated_split_reduction_is_deterministic(emu_lib):
-    assert emu_lib.la_emu_num_splits(300, 4) > 1  # the case below really splits N
-    case = make_case(2, 2, 300, 40, F16, Nk=257)
+# fp16 / bf16 run on the tensor-core kernels (ldmatrix / mma.sync / cp.async emulated lane by
+# lane): every head dim (D = 40 zero-padded to 48 columns), odd N and Nk, several 64-row
+# tiles per split and per row-kernel CTA with a partial last tile (the emulation's small CTA
+# target, see linear_attention_emu.cpp), B * H > 1, one strided layout per dtype.
+# (D, B, H, N, Nk, feature map):
+TC_SHAPES = [(32, 2, 1, 97, 131, "elu1"), (40, 1, 2, 129, 67, "relu"),
+             (64, 1, 1, 131, 95, "elu1"), (80, 2, 1, 71, 33, "identity"),
+             (128, 2, 1, 67, 45, "elu1"), (160, 1, 1, 81, 135, "relu")]
+TC_CASES = [make_case(B, H, N, D, dtype, fmap, Nk=Nk, layout="bnhd" if D == 40 else "bhnd")
+            for dtype in (F16, BF16) for D, B, H, N, Nk, fmap in TC_SHAPES]
+
+
+@pytest.mark.parametrize("case", TC_CASES, ids=lambda c: c.label)
+def test_emulated_tensor_core_kernels_match_reference(emu_lib, case):
+    result = run_case(case, "cuda-emulated", device="cpu", fn=_emu_op(emu_lib))
+    assert_all_ok(result.comparisons, f"cuda tensor cores (CPU emulation) {case.label}")
+
+
+@pytest.mark.parametrize("dtype,D", [(F16, 40), (BF16, 32)])
+def test_emulated_split_reduction_is_deterministic(emu_lib, dtype, D):
+    assert emu_lib.la_emu_num_splits(300, 1) > 1  # the case below really splits N
+    case = make_case(1, 1, 300, D, dtype, Nk=257)
     ins = case.make_inputs(seed=3)
     q, k, v = ins["q"], ins["k"], ins["v"]
-    g = torch.randn(q.shape).to(q.dtype)
+    g = randn(q.shape, dtype=dtype, seed=4)
     runs = []
     for _ in range(2):
         o, state = _emu_fwd(emu_lib, q, k, v, "elu1", 1e-4)

@@ -21,6 +21,9 @@ CSRC = os.path.join(ROOT, "csrc")
 # (file, kernel-name pattern, number of kernel instantiations expected)
 TENSOR_CORE_FILES = [
     ("local_window_attention/local_window_attention.cu", "lwa_fwd_kernel", 12),
+    # LinFusion fp16 / bf16 path: la_{state_partial (S, dS), fwd_out, bwd_dq, bwd_dkv}_tc_kernel
+    # x 2 dtypes x 6 padded head dims (the fp32 FMA kernels live in linear_attention.cu)
+    ("linear_attention/linear_attention_tc.cu", "_tc_kernel", 60),
 ]
 ARCHS = ("80", "90a")
 
@@ -45,7 +48,13 @@ def _tool(name):
 
 
 def _short_name(mangled: str, pattern: str) -> str:
-    """`kernel<fp16, D=128, circle>` label of a mangled lwa_fwd_kernel<T, D, WindowKind>."""
+    """`kernel<fp16, D=128, circle>` label of a mangled lwa_fwd_kernel<T, D, WindowKind>, or
+    `la_..._tc_kernel<fp16, DP=48[, QS=1]>` of a linear-attention tensor-core kernel."""
+    m = re.search(r"(la_\w+_tc_kernel)I(\w+?)Li(\d+)E(?:Lb([01])E)?", mangled)
+    if m:
+        dtype = {"6__half": "fp16", "13__nv_bfloat16": "bf16"}.get(m.group(2), m.group(2))
+        qs = f", QS={m.group(4)}" if m.group(4) else ""
+        return f"{m.group(1)}<{dtype}, DP={m.group(3)}{qs}>"
     m = re.search(re.escape(pattern) + r"I(\w+?)Li(\d+)E\w*?E(\d)EEEv", mangled)
     if not m:
         return mangled

@@ -4,7 +4,9 @@ Each world size (2, 3, 4) is ONE spawned group that runs several cases (spawning
 part): forward and backward against the single-process float64 reference with the correctness
 rule, heights not divisible by the world size, radius larger than a band (halo rows from several
 neighbours), text_len 0 and > 0, split/gather round trips, bad input raising on every rank, a group
-of one. World size 2 also runs the tiny FLUX model patch-parallel and one Triton-interpreter case.
+of one. World sizes 2 and 3 also run CLEAR's pooled keys (clear_pool_kv + pooled_kv, bands not
+aligned to the pooling factor). World size 2 also runs the tiny FLUX model patch-parallel (with and
+without down_factor) and one Triton-interpreter case.
 """
 import datetime
 import importlib
@@ -19,6 +21,7 @@ import torch.multiprocessing as mp
 
 import fastdit
 import fastdit.distributed as fdist
+from fastdit.reference.local_window_attention import clear_pool_kv as ref_pool
 from fastdit.reference.local_window_attention import local_window_attention as ref_lwa
 from fastdit.testing import assert_all_ok, compare, randn, seed_for
 
@@ -34,6 +37,15 @@ CASES = [
     (1, 1, 9, 4, 2.0, 4, 64),
     (1, 1, 7, 3, 1, 2, 32),
     (1, 1, 5, 4, 100, 3, 32),
+]
+# Pooled keys: (B, heads, height, width, radius, text_len, D, factor). Band boundaries inside a
+# pooling cell: 9 rows at f=3 over 2 ranks (5 + 4) and 3 ranks (3 + 3 + 3 is aligned, so 9 x 6 at
+# 3 ranks is the aligned control); 10 rows at f=2 (5 + 5; 4 + 3 + 3); 8 rows at f=4 over 3 ranks
+# (3 + 3 + 2): bands shorter than a cell, the middle one inside two cells.
+POOLED_CASES = [
+    (2, 1, 9, 6, 2.5, 3, 32, 3),
+    (1, 2, 10, 4, 1.5, 0, 32, 2),
+    (1, 1, 8, 4, 3.5, 2, 32, 4),
 ]
 
 
@@ -101,6 +113,81 @@ def _check_attention(rank, world, case, backend="reference", validate=True):
                      fdist.split_image_rows(b, height, width, T), f32)
              for n, x, r, b in zip(names, outs, ref, base)]
     assert_all_ok(comps, f"rank {rank}/{world} case {case} backend={backend}")
+
+
+def _check_pooled(rank, world, case, backend="reference"):
+    """fdist.clear_pool_kv + fdist.local_window_attention(pooled_kv=) in fp32 vs the float64
+    single-process reference (pooling then masked attention): the pooled keys, the output and the
+    q/k/v/weight gradients (the ranks' weight and text gradients summed), with the single-process
+    fp32 computation as the rule's baseline."""
+    B, Hh, height, width, radius, T, D, f = case
+    seed = seed_for("distributed pooled", world, case)
+    q64, k64, v64 = _full_inputs(case[:7], f64, seed)
+    w64 = randn((f, f), dtype=f64, seed=seed + 5, scale=0.3, offset=1.0 / f)
+    g64 = randn(q64.shape, dtype=f64, seed=seed + 7)
+    kw = dict(height=height, width=width, radius=radius, text_len=T)
+
+    def single(dtype):
+        q, k, v, w = (t.to(dtype).clone().requires_grad_() for t in (q64, k64, v64, w64))
+        kp, vp = ref_pool(k, v, height, width, T, f, w)
+        o = ref_lwa(q, k, v, height, width, radius, T, pooled_kv=(kp, vp))
+        o.backward(g64.to(dtype))
+        return [kp.detach(), vp.detach(), o.detach(), q.grad, k.grad, v.grad, w.grad]
+
+    ref, base = single(f64), single(f32)
+    q, k, v = (fdist.split_image_rows(t.to(f32), height, width, T).detach().requires_grad_()
+               for t in (q64, k64, v64))
+    w = w64.to(f32).requires_grad_()
+    kp, vp = fdist.clear_pool_kv(k, v, height, width, T, f, w)
+    o = fdist.local_window_attention(q, k, v, pooled_kv=(kp, vp), backend=backend, **kw)
+    g = fdist.split_image_rows(g64.to(f32), height, width, T).clone()
+    g[:, :, :T] *= 2.0 * (rank + 1) / (world * (world + 1))  # shares summing to 1 over the ranks
+    torch.autograd.backward(o, g)
+    outs = [kp.detach(), vp.detach(), o.detach(), q.grad, k.grad, v.grad, w.grad]
+    for t in outs[3:6]:  # the text copies' gradients sum to the single-process one
+        text = t[:, :, :T].contiguous()
+        dist.all_reduce(text)
+        t[:, :, :T] = text
+    dist.all_reduce(outs[6])  # replicated parameter: the ranks' gradients sum to the full one
+
+    def band(t):
+        return fdist.split_image_rows(t, height, width, T) if t.dim() == 4 else t
+
+    names = ("k_p", "v_p", "o", "dq", "dk", "dv", "dweight")
+    comps = [compare(n, x, r if n.endswith("_p") else band(r), b if n.endswith("_p") else band(b),
+                     f32) for n, x, r, b in zip(names, outs, ref, base)]
+    assert_all_ok(comps, f"rank {rank}/{world} pooled case {case} backend={backend}")
+
+
+def _check_pooled_bad_input(rank, world):
+    height, width, T, D, f = 8, 4, 2, 32, 2
+    a, b = fdist.band_bounds(height, world)[rank]
+    n = T + (b - a) * width
+    q, k, v = (randn((1, 2, n, D), seed=60 + i) for i in range(3))
+    w = torch.full((f, f), 0.25)
+    kw = dict(height=height, width=width, radius=2, text_len=T)
+    # a factor that does not divide the image: every rank names it
+    _expect_error_everywhere(lambda: fdist.clear_pool_kv(k, v, height, width, T, 3, w),
+                             "must be divisible by factor=3")
+    # one rank with another factor (both divide the image): every rank raises, naming the field
+    _expect_error_everywhere(lambda: fdist.clear_pool_kv(
+        k, v, height, width, T, 4 if rank == 0 else 2, torch.ones(16 if rank == 0 else 4)),
+        "disagree on factor")
+    # a weight of the wrong size on the last rank: it names the argument, the others stop too
+    bad_w = torch.ones(5) if rank == world - 1 else w
+    _expect_error_everywhere(lambda: fdist.clear_pool_kv(k, v, height, width, T, f, bad_w),
+                             "weight must be" if rank == world - 1 else "rejected their arguments")
+    kp, vp = fdist.clear_pool_kv(k, v, height, width, T, f, w)
+    # pooled keys of a different count on one rank, and of the wrong head count on another
+    short = (kp[:, :, 1:], vp[:, :, 1:]) if rank == 0 else (kp, vp)
+    _expect_error_everywhere(lambda: fdist.local_window_attention(q, k, v, pooled_kv=short, **kw),
+                             "disagree on pooled")
+    heads = (kp[:, :1], vp[:, :1]) if rank == world - 1 else (kp, vp)
+    _expect_error_everywhere(lambda: fdist.local_window_attention(q, k, v, pooled_kv=heads, **kw),
+                             r"pooled_kv\[0\] must be" if rank == world - 1
+                             else "rejected their arguments")
+    o = fdist.local_window_attention(q, k, v, pooled_kv=(kp, vp), **kw)  # the group still works
+    assert o.shape == q.shape and torch.isfinite(o).all()
 
 
 def _check_split_gather(rank, world):
@@ -224,6 +311,83 @@ def _check_flux(rank, world):
     assert (single - out).abs().max() <= 1e-5 * max(1.0, float(single.abs().max()))
 
 
+def _pooled_reference_processor(radius, height, width, factor):
+    """ClearFluxAttnProcessor(down_factor) whose attention is the plain-PyTorch reference in any
+    dtype (pooling + masked softmax): the float64-capable reference model."""
+    from fastdit.integrations.flux import ClearFluxAttnProcessor
+
+    class Reference(ClearFluxAttnProcessor):
+        def _attention(self, q, k, v):
+            T = q.shape[2] - height * width
+            pooled = ref_pool(k, v, height, width, T, factor, self.spatial_weight.to(k.dtype))
+            return ref_lwa(q, k, v, height, width, radius, T, pooled_kv=pooled)
+
+    return Reference(radius, height, width, factor)
+
+
+def _check_flux_pooled(rank, world):
+    """Tiny random FLUX with down_factor: the patch-parallel forward and the spatial_weight
+    gradients (summed over the ranks) vs the float64 reference model (fp32 baseline), and vs
+    single-process apply_clear(down_factor). The spatial weights are loaded by their checkpoint
+    names; the 6-row image's bands (3 + 3 rows) split a 2-row pooling cell."""
+    from fastdit.integrations import apply_clear, revert_clear
+    from fastdit.integrations.flux import install_processors
+
+    height, width, T, radius, f = 6, 4, 5, 2.5, 2
+    g = torch.Generator().manual_seed(2)
+    ids = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1)
+    inputs = dict(hidden_states=torch.randn(1, height * width, 8, generator=g),
+                  encoder_hidden_states=torch.randn(1, T, 16, generator=g),
+                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                  img_ids=torch.cat([torch.zeros(height * width, 1), ids.reshape(-1, 2).float()], 1),
+                  txt_ids=torch.zeros(T, 3))
+    grad_out = torch.randn(1, height * width, 8, generator=g, dtype=f64)
+    model = _flux_model()
+    names = [f"{blocks}.0.attn.processor.spatial_weight"
+             for blocks in ("transformer_blocks", "single_transformer_blocks")]
+    weights = {n: 1.0 / f ** 2 + 0.1 * torch.randn(1, 1, 1, f, 1, f, 1, generator=g) for n in names}
+
+    def run(dtype, share=1.0):
+        """Output and spatial_weight gradients of the installed processors in `dtype`."""
+        model.to(dtype)
+        assert not model.load_state_dict({n: w.to(dtype) for n, w in weights.items()},
+                                         strict=False).unexpected_keys
+        params = [model.get_parameter(n) for n in names]
+        x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+        if isinstance(model.transformer_blocks[0].attn.processor,
+                      fdist.PatchParallelClearFluxAttnProcessor):
+            out = fdist.flux_forward_patch_parallel(model, height=height, width=width, **x)
+        else:
+            out = model(**x, return_dict=False)[0]
+        grads = torch.autograd.grad((out * grad_out.to(dtype)).sum() * share, params)
+        return [out.detach()] + list(grads)
+
+    ref = {}
+    for dtype in (f64, f32):
+        install_processors(model, "test", lambda: _pooled_reference_processor(radius, height, width, f))
+        ref[dtype] = run(dtype)
+        revert_clear(model)
+    apply_clear(model, radius=radius, height=height, width=width, down_factor=f, backend="reference")
+    single = run(f32)
+    revert_clear(model)
+    fdist.apply_clear_patch_parallel(model, radius=radius, height=height, width=width, down_factor=f,
+                                     backend="reference")
+    # the output is replicated: upstream gradient shares summing to 1 over the ranks
+    out = run(f32, share=2.0 * (rank + 1) / (world * (world + 1)))
+    revert_clear(model)
+    for t in out[1:]:
+        dist.all_reduce(t)
+    labels = ("flux out", "d spatial_weight (double)", "d spatial_weight (single)")
+    assert_all_ok([compare(n, x, r, b, f32) for n, x, r, b in zip(labels, out, ref[f64], ref[f32])]
+                  + [compare("single-process " + n, x, r, b, f32)
+                     for n, x, r, b in zip(labels, single, ref[f64], ref[f32])], f"rank {rank}")
+    for x, y in zip(out, single):
+        assert (x - y).abs().max() <= 1e-5 * max(1.0, float(y.abs().max()))
+    with pytest.raises(ValueError, match="down_factor must be an int >= 1 dividing"):
+        fdist.apply_clear_patch_parallel(model, radius=radius, height=height, width=width,
+                                         down_factor=4)
+
+
 def _check_bench_runs(rank, world):
     """The multi-GPU benchmark's case runner, at a tiny size on gloo (a smoke run: no timing is
     checked)."""
@@ -254,6 +418,10 @@ def _body_2(rank, world):
     _check_group_of_one(rank, world)
     _check_flux(rank, world)
     _check_bench_runs(rank, world)
+    for case in POOLED_CASES:
+        _check_pooled(rank, world, case)
+    _check_pooled_bad_input(rank, world)
+    _check_flux_pooled(rank, world)
 
 
 def _body_3_4(rank, world):
@@ -261,6 +429,10 @@ def _body_3_4(rank, world):
         _check_attention(rank, world, case)
     _check_split_gather(rank, world)
     _check_bad_input(rank, world)
+    if world == 3:
+        for case in POOLED_CASES:
+            _check_pooled(rank, world, case)
+        _check_pooled_bad_input(rank, world)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +468,12 @@ def test_halo_plan_multi_hop():
     assert sent == {(p, r, s, e) for r, pl in enumerate(plans) for p, s, e in pl.recv}
 
 
+def test_pooled_row_bounds():
+    assert fdist.pooled_row_bounds([(0, 5), (5, 9)], 3) == [(0, 2), (1, 3)]
+    assert fdist.pooled_row_bounds(fdist.band_bounds(8, 3), 4) == [(0, 1), (0, 2), (1, 2)]
+    assert fdist.pooled_row_bounds(fdist.band_bounds(12, 3), 2) == [(0, 2), (2, 4), (4, 6)]
+
+
 def test_single_process_falls_back():
     q, k, v = _full_inputs((1, 1, 4, 3, 2, 2, 32), f32, seed=60)
     kw = dict(height=4, width=3, radius=2, text_len=2, backend="reference")
@@ -303,6 +481,14 @@ def test_single_process_falls_back():
     assert torch.equal(fdist.local_window_attention(q, k, v, **kw),
                        fastdit.local_window_attention(q, k, v, **kw))
     assert fdist.gather_image_rows(q, 4, 3, 2) is q
+    # pooled keys: 4 x 4 image, f = 2
+    q, k, v = _full_inputs((1, 1, 4, 4, 2, 2, 32), f32, seed=62)
+    w = randn((2, 2), seed=63)
+    pooled = fdist.clear_pool_kv(k, v, 4, 4, 2, 2, w)
+    assert all(torch.equal(a, b) for a, b in zip(pooled, fastdit.clear_pool_kv(k, v, 4, 4, 2, 2, w)))
+    kw = dict(kw, width=4)
+    assert torch.equal(fdist.local_window_attention(q, k, v, pooled_kv=pooled, **kw),
+                       fastdit.local_window_attention(q, k, v, pooled_kv=pooled, **kw))
 
 
 def test_comm_model_hand_computed():
@@ -312,12 +498,20 @@ def test_comm_model_hand_computed():
     assert c["halo_rows"] == 1
     assert c["halo_kv"] == 1 * 4 * 2 * token            # 1 row of 4 tokens, K and V
     assert c["text_merge"] == 1 * 3 * 2 * (2 + 1) * 4   # (o, lse) fp32, one peer
-    assert c["halo"] == c["halo_kv"] + c["text_merge"] + 12 * 8
+    assert c["pooled_kv"] == 0
+    assert c["halo"] == c["halo_kv"] + c["text_merge"] + 13 * 8
     assert c["all_gather"] == 1 * 16 * 2 * token        # the other rank's 16 tokens of K and V
     assert c["ulysses"] == 4 * 0.5 * 16 * token          # half of q, k, v, o of 16 tokens
     # 3 ranks of 7 rows (3, 2, 2), radius 3.5 (3 rows): ranks 0 and 1 each send 4 rows (multi-hop)
     c3 = fdist.comm_bytes(7, 1, 3, 3.5, heads=1, head_dim=1, text_len=0, elem_bytes=1)
     assert c3["halo_kv"] == 4 * 2 and c3["text_merge"] == 0
+    # pooled keys, f = 2: the bands (4 + 4 rows) touch 2 pooled rows of 2 cells each; K and V
+    cp = fdist.comm_bytes(8, 4, 2, 2, heads=2, head_dim=2, text_len=3, elem_bytes=2, down_factor=2)
+    assert cp["pooled_kv"] == 1 * 2 * 2 * 2 * token
+    assert cp["halo"] == c["halo"] + cp["pooled_kv"] + 9 * 8
+    # 8 rows over 3 ranks (3, 3, 2) at f = 4: the middle band (rows 3-5) touches both cell rows
+    c4 = fdist.comm_bytes(8, 4, 3, 2, heads=1, head_dim=1, text_len=0, elem_bytes=1, down_factor=4)
+    assert c4["pooled_kv"] == 2 * 2 * 1 * 2
     rows = fdist.comm_model_table()
     assert {(r["image"], r["ranks"]) for r in rows} >= {("4096x4096", 2), ("16384x16384", 8)}
     r = next(r for r in rows if r["image"] == "8192x8192" and r["ranks"] == 4 and r["radius"] == 16)

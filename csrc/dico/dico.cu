@@ -15,6 +15,8 @@
 // All global address arithmetic is int64.
 #include "dico/dico.cuh"
 
+#include "common/vec16.cuh"
+
 #ifndef FASTDIT_CPU_EMULATION
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -40,79 +42,20 @@ constexpr int kReduceThreads = 256;
 constexpr int kMaxPartials = 10;  // quantities one partial slot holds (dw9 taps + dbias)
 
 // ------------------------------------------------------------------------------------------
-// element conversion and 16-byte groups
+// element conversion and 16-byte groups of channels (csrc/common/vec16.cuh): Group<T>::kVec
+// channels (4 fp32, 8 fp16/bf16) per 16-byte load
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void from_f32(float x, float* out) { *out = x; }
-__device__ __forceinline__ void from_f32(float x, __half* out) { *out = __float2half_rn(x); }
-__device__ __forceinline__ void from_f32(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
-__device__ __forceinline__ float2 pair_to_f32(__half2 h) { return __half22float2(h); }
-__device__ __forceinline__ float2 pair_to_f32(__nv_bfloat162 h) { return __bfloat1622float2(h); }
-__device__ __forceinline__ void pair_from_f32(float a, float b, __half2* out) { *out = __floats2half2_rn(a, b); }
-__device__ __forceinline__ void pair_from_f32(float a, float b, __nv_bfloat162* out) {
-  *out = __floats2bfloat162_rn(a, b);
-}
-
+using vec16::from_f32;
+using vec16::to_f32;
 template <typename T>
-struct Group;
-
-template <>
-struct Group<float> {
-  static constexpr int kV = 4;
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
-                      __float_as_uint(f[3]));
-  }
-};
-
-// fp16 / bf16: 8 values per 16 bytes, converted two at a time.
-template <typename T, typename T2>
-struct GroupPairs {
-  static constexpr int kV = 8;
-  __device__ __forceinline__ static float2 word(uint32_t w) {
-    T2 h;
-    memcpy(&h, &w, sizeof(w));
-    return pair_to_f32(h);
-  }
-  __device__ __forceinline__ static uint32_t word(float a, float b) {
-    T2 h;
-    pair_from_f32(a, b, &h);
-    uint32_t w;
-    memcpy(&w, &h, sizeof(w));
-    return w;
-  }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    float2 t;
-    t = word(u.x); f[0] = t.x; f[1] = t.y;
-    t = word(u.y); f[2] = t.x; f[3] = t.y;
-    t = word(u.z); f[4] = t.x; f[5] = t.y;
-    t = word(u.w); f[6] = t.x; f[7] = t.y;
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(word(f[0], f[1]), word(f[2], f[3]), word(f[4], f[5]), word(f[6], f[7]));
-  }
-};
-
-template <>
-struct Group<__half> : GroupPairs<__half, __half2> {};
-
-template <>
-struct Group<__nv_bfloat16> : GroupPairs<__nv_bfloat16, __nv_bfloat162> {};
+using Group = vec16::Pack<T>;
 
 // f[0:V] = p[c0 : c0 + V] as fp32, 0 for channels >= C. `vec`: one 16-byte load (C % V == 0 and
 // p 16-byte aligned, so the group is either fully in range or fully out).
 template <typename T>
 __device__ __forceinline__ void load_group(const T* __restrict__ p, int64_t c0, int64_t C, bool vec,
-                                           float (&f)[Group<T>::kV]) {
-  constexpr int V = Group<T>::kV;
+                                           float (&f)[Group<T>::kVec]) {
+  constexpr int V = Group<T>::kVec;
   if (vec) {
     if (c0 < C) {
       Group<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p + c0)), f);
@@ -129,8 +72,8 @@ __device__ __forceinline__ void load_group(const T* __restrict__ p, int64_t c0, 
 // p[c0 : c0 + V] = f[0:V] for channels < C.
 template <typename T>
 __device__ __forceinline__ void store_group(T* __restrict__ p, int64_t c0, int64_t C, bool vec,
-                                            const float (&f)[Group<T>::kV]) {
-  constexpr int V = Group<T>::kV;
+                                            const float (&f)[Group<T>::kVec]) {
+  constexpr int V = Group<T>::kVec;
   if (vec) {
     if (c0 < C) *reinterpret_cast<uint4*>(p + c0) = Group<T>::pack(f);
   } else {
@@ -219,7 +162,7 @@ ln_mod_fwd_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __r
                   const T* __restrict__ bias, const T* __restrict__ shift,
                   const T* __restrict__ scale, T* __restrict__ x_out, T* __restrict__ y, int64_t P,
                   int64_t C, int64_t rows_per_block, float eps, float inv_c, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float red[64];
   const int64_t b = blockIdx.y;
   const int64_t c0 = (int64_t)threadIdx.x * V;
@@ -272,7 +215,7 @@ ln_mod_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ gx, const T* _
                   const T* __restrict__ scale, T* __restrict__ dx, T* __restrict__ dz,
                   float* __restrict__ part, int64_t P, int64_t C, int64_t rows_per_block, float eps,
                   float inv_c, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   constexpr int K = RES ? 4 : 2;
   __shared__ float red[64];
   const int64_t b = blockIdx.y;
@@ -402,7 +345,7 @@ gate_weighted_sum_kernel(const T* __restrict__ gate, const float* __restrict__ s
 // image columns x kDwRows image rows; the taps of its channels are staged in shared memory.
 template <typename T>
 struct DwTile {
-  static constexpr int V = Group<T>::kV;
+  static constexpr int V = Group<T>::kVec;
   static constexpr int kCols = kTileGroups * V;  // channels per block
   int64_t b, hb, w, c0, cb;
   int tx, ty;
@@ -433,10 +376,10 @@ __device__ __forceinline__ void stage_taps(float* sw, const T* __restrict__ w9, 
 // z = bias + sum_t w9[t] * u[h + dy - 1, w + dx - 1] for the thread's channel group.
 template <typename T>
 __device__ __forceinline__ void dw_preact(const T* __restrict__ u, const float* sw,
-                                          const float (&bias)[Group<T>::kV], int64_t b, int64_t h,
+                                          const float (&bias)[Group<T>::kVec], int64_t b, int64_t h,
                                           int64_t w, int64_t H, int64_t W, int64_t C, int64_t c0,
-                                          int tx, bool vec, float (&z)[Group<T>::kV]) {
-  constexpr int V = Group<T>::kV;
+                                          int tx, bool vec, float (&z)[Group<T>::kVec]) {
+  constexpr int V = Group<T>::kVec;
 #pragma unroll
   for (int e = 0; e < V; ++e) z[e] = bias[e];
   for (int t = 0; t < 9; ++t) {
@@ -458,7 +401,7 @@ __global__ void __launch_bounds__(kTileThreads)
 dw_gelu_fwd_kernel(const T* __restrict__ u, const T* __restrict__ w9, const T* __restrict__ bias,
                    T* __restrict__ a, float* __restrict__ part, int64_t H, int64_t W, int64_t C,
                    int64_t n_row_blocks, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float sw[9 * DwTile<T>::kCols];
   __shared__ float red[kTileThreads * V];
   const DwTile<T> tile(n_row_blocks);
@@ -493,7 +436,7 @@ dw_gelu_bwd_gz_kernel(const T* __restrict__ u, const T* __restrict__ w9, const T
                       const T* __restrict__ ga, const float* __restrict__ gpool,
                       T* __restrict__ gz_out, float* __restrict__ part, int64_t H, int64_t W,
                       int64_t C, int64_t n_row_blocks, float inv_hw, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float sw[9 * DwTile<T>::kCols];
   __shared__ float red[kTileThreads * V];
   const DwTile<T> tile(n_row_blocks);
@@ -542,7 +485,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTileThreads)
 dw_bwd_du_kernel(const T* __restrict__ gz, const T* __restrict__ w9, T* __restrict__ du, int64_t H,
                  int64_t W, int64_t C, int64_t n_row_blocks, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float sw[9 * DwTile<T>::kCols];
   const DwTile<T> tile(n_row_blocks);
   stage_taps(sw, w9, tile.cb, C);
@@ -576,7 +519,7 @@ template <typename T>
 __global__ void __launch_bounds__(kTileThreads)
 bias_gelu_fwd_kernel(const T* __restrict__ h, const T* __restrict__ bias, T* __restrict__ y,
                      int64_t rows, int64_t C, int64_t groups, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   const int64_t i = (int64_t)blockIdx.x * kTileThreads + threadIdx.x;
   if (i >= rows * groups) return;
   const int64_t row = i / groups;
@@ -596,7 +539,7 @@ gated_residual_fwd_kernel(const T* __restrict__ res, const T* __restrict__ z,
                           const T* __restrict__ gate, const T* __restrict__ bias,
                           T* __restrict__ out, int64_t rows, int64_t P, int64_t C, int64_t groups,
                           bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   const int64_t i = (int64_t)blockIdx.x * kTileThreads + threadIdx.x;
   if (i >= rows * groups) return;
   const int64_t row = i / groups;
@@ -635,7 +578,7 @@ __global__ void __launch_bounds__(kTileThreads)
 bias_gelu_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ h, const T* __restrict__ bias,
                      T* __restrict__ gh, float* __restrict__ part, int64_t P, int64_t C,
                      int64_t rows_per_block, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float red[kTileThreads * V];
   const RowTile<V> t(P, rows_per_block);
   float bs[V], acc[V];
@@ -666,7 +609,7 @@ gated_residual_bwd_kernel(const T* __restrict__ g, const T* __restrict__ z,
                           const T* __restrict__ gate, const T* __restrict__ bias,
                           T* __restrict__ dz, float* __restrict__ part, int64_t P, int64_t C,
                           int64_t rows_per_block, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float red[kTileThreads * V];
   const RowTile<V> t(P, rows_per_block);
   float gt[V], bs[V], acc_gate[V], acc_g[V];
@@ -699,7 +642,7 @@ __global__ void __launch_bounds__(kTileThreads)
 cca_scale_bwd_kernel(const T* __restrict__ a, const T* __restrict__ gg, const T* __restrict__ s,
                      T* __restrict__ da, T* __restrict__ a_s, float* __restrict__ part, int64_t P,
                      int64_t C, int64_t rows_per_block, bool vec) {
-  constexpr int V = Group<T>::kV;
+  constexpr int V = Group<T>::kVec;
   __shared__ float red[kTileThreads * V];
   const RowTile<V> t(P, rows_per_block);
   float sv[V], acc[V];

@@ -1,29 +1,37 @@
-// LinFusion normalized non-causal linear attention: CUDA C++ kernels (forward and backward).
-// See linear_attention.cuh for the math and the host API. No torch headers here: this file is
-// also compiled standalone by fastdit.aot.nvcc_compile (CI register / spill report).
+// LinFusion normalized non-causal linear attention: CUDA C++ kernels (forward and backward) and
+// the host API. See linear_attention.cuh for the math and the API. No torch headers here: this
+// file is also compiled standalone by fastdit.aot.nvcc_compile (CI register / spill report).
 //
-// Kernels (256 threads = a 16 x 16 thread grid; every kernel is templated on the element type T
-// and on DP, the head dim rounded up to a multiple of 16; D itself is a runtime value and masks
-// the padding; the feature map is a runtime switch applied once per loaded element):
-//   la_state_partial_kernel<T, DP, QUERY_SIDE>
-//       partial [S | m] over one split of N (forward: x = k, y = v), or the backward's query-side
-//       partial [dS | dm] (x = q, y = g, with z and dz from o and the forward m).
-//       Grid (splits, B*H). Each thread owns a (DP/16) x (DP/16) block of the D x D accumulator.
-//   la_reduce_kernel      deterministic, split-ordered sum of the partials, times a scale (1/Nk).
-//   la_fwd_out_kernel     o = phi(q) S / (phi(q) . m + eps)   (fused normalisation)
-//   la_bwd_dq_kernel      dq = (gz S^T + dz m) * phi'(q)
-//   la_bwd_dkv_kernel     dk = (v dS^T + dm) * phi'(k),  dv = phi(k) dS
-//   The three row kernels take a tile of BN rows (grid (cdiv(N, BN), B*H)); each thread owns
-//   (BN/16) x (DP/16) outputs, and the D x D state is streamed through shared memory in chunks.
-// Arithmetic: fp32 FMA from fp32 shared-memory tiles (no tensor cores in this version).
+// Two kernel families with the same passes; the host picks one per dtype (for every head dim):
+//   fp32         -> the FMA kernels of this file (the accuracy path and the reference design)
+//   fp16 / bf16  -> the tensor-core kernels of linear_attention_tc.cu (mma.sync, fp32 accumulate)
+// Passes:
+//   state partial   partial [S | m] over one split of N (forward: x = k, y = v), or the backward's
+//                   query-side partial [dS | dm] (x = q, y = g, with z and dz from o and the
+//                   forward m). Grid (splits, B*H); the splits (num_splits, 32-row granularity)
+//                   are the same for both families.
+//   la_reduce_kernel   deterministic, split-ordered sum of the partials, times a scale (1/Nk).
+//   fwd out         o = phi(q) S / (phi(q) . m + eps)   (fused normalisation)
+//   bwd dq          dq = (gz S^T + dz m) * phi'(q)
+//   bwd dkv         dk = (v dS^T + dm) * phi'(k),  dv = phi(k) dS
+// FMA kernels (256 threads = a 16 x 16 thread grid; templated on the element type T and on DP,
+// the head dim rounded up to a multiple of 16; D itself is a runtime value and masks the padding;
+// the feature map is a runtime switch applied once per loaded element):
+//   la_state_partial_kernel<T, DP, QUERY_SIDE>: each thread owns a (DP/16) x (DP/16) block of the
+//       D x D accumulator.
+//   la_fwd_out_kernel, la_bwd_dq_kernel, la_bwd_dkv_kernel: a tile of BN rows per CTA (grid
+//       (cdiv(N, BN), B*H)); each thread owns (BN/16) x (DP/16) outputs, and the D x D state is
+//       streamed through shared memory in chunks.
+//   Arithmetic: fp32 FMA from fp32 shared-memory tiles.
 // Memory: 16-byte vectorised global loads / stores when the base pointer is 16-byte aligned and
 // every stride is a multiple of 16 bytes (checked on the host), else a scalar path. All global
 // address arithmetic is int64.
 #include "linear_attention/linear_attention.cuh"
 
+#include "linear_attention/linear_attention_common.cuh"
+#include "linear_attention/linear_attention_tc.cuh"
+
 #ifndef FASTDIT_CPU_EMULATION
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 // Kernel launch; tests/cuda_emu/ redefines it to run the same kernels on CPU threads.
 #define FASTDIT_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
 #endif
@@ -36,6 +44,8 @@ namespace fastdit {
 namespace linear_attention {
 namespace {
 
+using namespace detail;
+
 constexpr int kThreads = 256;
 constexpr int kStateRows = 32;  // rows of N per shared-memory tile in the state kernel
 
@@ -44,102 +54,6 @@ struct RowTile {
   static constexpr int kRows = DP >= 128 ? 32 : 64;  // BN of the row kernels
   static constexpr int kChunk = DP >= 128 ? 8 : 16;  // rows of the D x D state per smem chunk
 };
-
-// ------------------------------------------------------------------------------------------
-// element conversion and 16-byte packs
-
-template <typename T>
-struct Pack;
-
-template <>
-struct Pack<float> {
-  static constexpr int kVec = 4;
-  __device__ __forceinline__ static float to_float(float x) { return x; }
-  __device__ __forceinline__ static float from_float(float x) { return x; }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    f[0] = __uint_as_float(u.x);
-    f[1] = __uint_as_float(u.y);
-    f[2] = __uint_as_float(u.z);
-    f[3] = __uint_as_float(u.w);
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]),
-                      __float_as_uint(f[3]));
-  }
-};
-
-// fp16 and bf16: 8 values per 16-byte vector, converted two at a time. Only the scalar and pair
-// conversions differ between the two types; they are the overloads below.
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void from_f32(float x, __half* out) { *out = __float2half_rn(x); }
-__device__ __forceinline__ void from_f32(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
-__device__ __forceinline__ float2 pair_to_f32(__half2 h) { return __half22float2(h); }
-__device__ __forceinline__ float2 pair_to_f32(__nv_bfloat162 h) { return __bfloat1622float2(h); }
-__device__ __forceinline__ void pair_from_f32(float a, float b, __half2* out) { *out = __floats2half2_rn(a, b); }
-__device__ __forceinline__ void pair_from_f32(float a, float b, __nv_bfloat162* out) {
-  *out = __floats2bfloat162_rn(a, b);
-}
-
-template <typename T, typename T2>
-struct PackPairs {
-  static constexpr int kVec = 8;
-  __device__ __forceinline__ static float to_float(T x) { return to_f32(x); }
-  __device__ __forceinline__ static T from_float(float x) {
-    T y;
-    from_f32(x, &y);
-    return y;
-  }
-  __device__ __forceinline__ static float2 word(uint32_t w) {
-    T2 h;
-    memcpy(&h, &w, sizeof(w));
-    return pair_to_f32(h);
-  }
-  __device__ __forceinline__ static uint32_t word(float a, float b) {
-    T2 h;
-    pair_from_f32(a, b, &h);
-    uint32_t w;
-    memcpy(&w, &h, sizeof(w));
-    return w;
-  }
-  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
-    float2 t;
-    t = word(u.x); f[0] = t.x; f[1] = t.y;
-    t = word(u.y); f[2] = t.x; f[3] = t.y;
-    t = word(u.z); f[4] = t.x; f[5] = t.y;
-    t = word(u.w); f[6] = t.x; f[7] = t.y;
-  }
-  __device__ __forceinline__ static uint4 pack(const float* f) {
-    return make_uint4(word(f[0], f[1]), word(f[2], f[3]), word(f[4], f[5]), word(f[6], f[7]));
-  }
-};
-
-template <>
-struct Pack<__half> : PackPairs<__half, __half2> {};
-
-template <>
-struct Pack<__nv_bfloat16> : PackPairs<__nv_bfloat16, __nv_bfloat162> {};
-
-// ------------------------------------------------------------------------------------------
-// feature maps (fmap: 0 = elu + 1, 1 = relu, 2 = identity; < 0 = raw value, no map)
-
-__device__ __forceinline__ float phi(float x, int fmap) {
-  if (fmap == 0) return x > 0.f ? x + 1.f : expf(x);
-  if (fmap == 1) return fmaxf(x, 0.f);
-  return x;
-}
-
-__device__ __forceinline__ float dphi(float x, int fmap) {
-  if (fmap == 0) return x > 0.f ? 1.f : expf(x);
-  if (fmap == 1) return x > 0.f ? 1.f : 0.f;
-  return 1.f;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
 
 // ------------------------------------------------------------------------------------------
 // shared-memory tiles: BN rows x DP columns of fp32, row stride DP + 1 (no bank conflicts on the
@@ -616,49 +530,42 @@ la_bwd_dkv_kernel(const T* __restrict__ k, int64_t skb, int64_t skh, int64_t skn
 // ------------------------------------------------------------------------------------------
 // host side
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-int64_t element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
-
-// 16-byte vector access is legal when the base is 16-byte aligned and every stride that is used
-// (dimension size > 1) is a multiple of 16 bytes. D is always a multiple of 8 elements.
-bool vec_ok(const View& t, DType dt, int64_t B, int64_t H, int64_t N) {
-  const int64_t v = 16 / element_size(dt);
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
-  if (B > 1 && t.sb % v != 0) return false;
-  if (H > 1 && t.sh % v != 0) return false;
-  if (N > 1 && t.sn % v != 0) return false;
-  return true;
-}
-
 int64_t rows_per_split(int64_t n_rows, int64_t splits) {
   return cdiv(cdiv(n_rows, kStateRows), splits) * kStateRows;
 }
 
+// f(std::integral_constant<int, DP>) for the padded head dim DP of D.
 template <typename F>
-cudaError_t with_types(DType dt, int64_t D, F&& f) {
-  auto by_dp = [&](auto tag) -> cudaError_t {
-    switch (D) {
-      case 32: return f(tag, std::integral_constant<int, 32>{});
-      case 40: return f(tag, std::integral_constant<int, 48>{});
-      case 64: return f(tag, std::integral_constant<int, 64>{});
-      case 80: return f(tag, std::integral_constant<int, 80>{});
-      case 128: return f(tag, std::integral_constant<int, 128>{});
-      case 160: return f(tag, std::integral_constant<int, 160>{});
-      default: return cudaErrorInvalidValue;
-    }
-  };
-  switch (dt) {
-    case DType::kFloat16: return by_dp(__half{});
-    case DType::kBFloat16: return by_dp(__nv_bfloat16{});
-    case DType::kFloat32: return by_dp(float{});
+cudaError_t with_padded_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 40: return f(std::integral_constant<int, 48>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 160: return f(std::integral_constant<int, 160>{});
+    default: return cudaErrorInvalidValue;
   }
-  return cudaErrorInvalidValue;
 }
 
 bool valid(const Problem& p) {
   return supported_head_dim(p.D) && p.B > 0 && p.H > 0 && p.N > 0 && p.Nk > 0 &&
          p.B * p.H <= 65535;
+}
+
+// fp32 (FMA kernels): partial state sums over `splits` splits of n_rows rows into part. QS: the
+// backward's query side (x = q, y = g, o and the forward state).
+template <int DP, bool QS>
+void fma_state_partial(const Problem& p, const View& x, const View& y, const View* o,
+                       const float* state, float* part, int64_t n_rows, int64_t splits,
+                       cudaStream_t stream) {
+  using T = float;
+  FASTDIT_LAUNCH(dim3(splits, p.B * p.H), kThreads, stream, la_state_partial_kernel<T, DP, QS>)(
+      static_cast<const T*>(x.data), x.sb, x.sh, x.sn, static_cast<const T*>(y.data), y.sb, y.sh,
+      y.sn, o ? static_cast<const T*>(o->data) : nullptr, o ? o->sb : 0, o ? o->sh : 0,
+      o ? o->sn : 0, state, part, n_rows, static_cast<int>(p.D), p.H,
+      rows_per_split(n_rows, splits), static_cast<int>(splits), p.eps, static_cast<int>(p.fmap),
+      vec_ok(x, p.dtype, p.B, p.H, n_rows), vec_ok(y, p.dtype, p.B, p.H, n_rows));
 }
 
 }  // namespace
@@ -671,7 +578,8 @@ int64_t num_splits(int64_t n_rows, int64_t BH) {
   // Enough blocks to fill a large GPU (~4 waves of 132 SMs) but a function of the shape only,
   // so the reduction order, hence the result, is the same on every run.
   const int64_t n_blocks = cdiv(n_rows, kStateRows);
-  int64_t s = std::min<int64_t>(std::min<int64_t>(n_blocks, 256), cdiv(528, BH));
+  int64_t s = std::min<int64_t>(std::min<int64_t>(n_blocks, 256),
+                                cdiv(FASTDIT_LA_TARGET_CTAS, BH));
   s = std::max<int64_t>(s, 1);
   const int64_t per = cdiv(n_blocks, s);
   return cdiv(n_blocks, per);
@@ -691,27 +599,32 @@ int64_t bwd_workspace_floats(const Problem& p) {
 cudaError_t fwd(const Problem& p, View q, View k, View v, View o, float* state, float* workspace,
                 cudaStream_t stream) {
   if (!valid(p)) return cudaErrorInvalidValue;
-  return with_types(p.dtype, p.D, [&](auto tag, auto dp) -> cudaError_t {
-    using T = decltype(tag);
+  const int64_t BH = p.B * p.H;
+  const int64_t L = p.D * p.D + p.D;
+  const int64_t splits = num_splits(p.Nk, BH);
+  const bool tensor_cores = p.dtype != DType::kFloat32;
+  if (tensor_cores) {
+    const cudaError_t err = tc::state_partial(p, false, k, v, nullptr, nullptr, workspace, p.Nk,
+                                              splits, rows_per_split(p.Nk, splits), stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    with_padded_dim(p.D, [&](auto dp) -> cudaError_t {
+      fma_state_partial<decltype(dp)::value, false>(p, k, v, nullptr, nullptr, workspace, p.Nk,
+                                                    splits, stream);
+      return cudaSuccess;
+    });
+  }
+  FASTDIT_LAUNCH(dim3(cdiv(L, kThreads), BH), kThreads, stream, la_reduce_kernel)(
+      workspace, state, static_cast<int>(splits), L, static_cast<float>(1.0 / p.Nk));
+  if (tensor_cores) return tc::fwd_out(p, q, state, o, stream);
+  return with_padded_dim(p.D, [&](auto dp) -> cudaError_t {
+    using T = float;
     constexpr int DP = decltype(dp)::value;
-    const int64_t BH = p.B * p.H;
-    const int64_t L = p.D * p.D + p.D;
-    const int D = static_cast<int>(p.D);
-    const int fmap = static_cast<int>(p.fmap);
-    const int64_t splits = num_splits(p.Nk, BH);
-    FASTDIT_LAUNCH(dim3(splits, BH), kThreads, stream, la_state_partial_kernel<T, DP, false>)(
-        static_cast<const T*>(k.data), k.sb, k.sh, k.sn,
-        static_cast<const T*>(v.data), v.sb, v.sh, v.sn,
-        nullptr, 0, 0, 0, nullptr, workspace, p.Nk, D, p.H, rows_per_split(p.Nk, splits),
-        static_cast<int>(splits), p.eps, fmap, vec_ok(k, p.dtype, p.B, p.H, p.Nk),
-        vec_ok(v, p.dtype, p.B, p.H, p.Nk));
-    FASTDIT_LAUNCH(dim3(cdiv(L, kThreads), BH), kThreads, stream, la_reduce_kernel)(
-        workspace, state, static_cast<int>(splits), L, static_cast<float>(1.0 / p.Nk));
     constexpr int BN = RowTile<DP>::kRows;
     FASTDIT_LAUNCH(dim3(cdiv(p.N, BN), BH), kThreads, stream, la_fwd_out_kernel<T, DP>)(
         static_cast<const T*>(q.data), q.sb, q.sh, q.sn, state, static_cast<T*>(o.data), o.sb,
-        o.sh, o.sn, p.N, D, p.H, p.eps, fmap, vec_ok(q, p.dtype, p.B, p.H, p.N),
-        vec_ok(o, p.dtype, p.B, p.H, p.N));
+        o.sh, o.sn, p.N, static_cast<int>(p.D), p.H, p.eps, static_cast<int>(p.fmap),
+        vec_ok(q, p.dtype, p.B, p.H, p.N), vec_ok(o, p.dtype, p.B, p.H, p.N));
     return cudaGetLastError();
   });
 }
@@ -719,25 +632,35 @@ cudaError_t fwd(const Problem& p, View q, View k, View v, View o, float* state, 
 cudaError_t bwd(const Problem& p, View g, View q, View k, View v, View o, const float* state,
                 View dq, View dk, View dv, float* workspace, cudaStream_t stream) {
   if (!valid(p)) return cudaErrorInvalidValue;
-  return with_types(p.dtype, p.D, [&](auto tag, auto dp) -> cudaError_t {
-    using T = decltype(tag);
+  const int64_t BH = p.B * p.H;
+  const int64_t L = p.D * p.D + p.D;
+  const int64_t splits = num_splits(p.N, BH);
+  float* part = workspace;
+  float* dstate = workspace + BH * splits * L;
+  const bool tensor_cores = p.dtype != DType::kFloat32;
+  if (tensor_cores) {
+    const cudaError_t err = tc::state_partial(p, true, q, g, &o, state, part, p.N, splits,
+                                              rows_per_split(p.N, splits), stream);
+    if (err != cudaSuccess) return err;
+  } else {
+    with_padded_dim(p.D, [&](auto dp) -> cudaError_t {
+      fma_state_partial<decltype(dp)::value, true>(p, q, g, &o, state, part, p.N, splits, stream);
+      return cudaSuccess;
+    });
+  }
+  FASTDIT_LAUNCH(dim3(cdiv(L, kThreads), BH), kThreads, stream, la_reduce_kernel)(
+      part, dstate, static_cast<int>(splits), L, static_cast<float>(1.0 / p.Nk));
+  if (tensor_cores) {
+    const cudaError_t err = tc::bwd_dq(p, q, g, o, state, dq, stream);
+    if (err != cudaSuccess) return err;
+    return tc::bwd_dkv(p, k, v, dstate, dk, dv, stream);
+  }
+  return with_padded_dim(p.D, [&](auto dp) -> cudaError_t {
+    using T = float;
     constexpr int DP = decltype(dp)::value;
-    const int64_t BH = p.B * p.H;
-    const int64_t L = p.D * p.D + p.D;
+    constexpr int BN = RowTile<DP>::kRows;
     const int D = static_cast<int>(p.D);
     const int fmap = static_cast<int>(p.fmap);
-    const int64_t splits = num_splits(p.N, BH);
-    float* part = workspace;
-    float* dstate = workspace + BH * splits * L;
-    FASTDIT_LAUNCH(dim3(splits, BH), kThreads, stream, la_state_partial_kernel<T, DP, true>)(
-        static_cast<const T*>(q.data), q.sb, q.sh, q.sn,
-        static_cast<const T*>(g.data), g.sb, g.sh, g.sn,
-        static_cast<const T*>(o.data), o.sb, o.sh, o.sn, state, part, p.N, D, p.H,
-        rows_per_split(p.N, splits), static_cast<int>(splits), p.eps, fmap,
-        vec_ok(q, p.dtype, p.B, p.H, p.N), vec_ok(g, p.dtype, p.B, p.H, p.N));
-    FASTDIT_LAUNCH(dim3(cdiv(L, kThreads), BH), kThreads, stream, la_reduce_kernel)(
-        part, dstate, static_cast<int>(splits), L, static_cast<float>(1.0 / p.Nk));
-    constexpr int BN = RowTile<DP>::kRows;
     FASTDIT_LAUNCH(dim3(cdiv(p.N, BN), BH), kThreads, stream, la_bwd_dq_kernel<T, DP>)(
         static_cast<const T*>(q.data), q.sb, q.sh, q.sn,
         static_cast<const T*>(g.data), g.sb, g.sh, g.sn,

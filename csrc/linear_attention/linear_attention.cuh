@@ -15,6 +15,11 @@
 //
 // Reductions over N are deterministic: a fixed number of splits (a function of the shape only),
 // each written to its own partial slot, then summed in split order by a separate kernel.
+//
+// Arithmetic, per dtype (every supported D): fp32 -> fp32 FMA kernels; fp16 / bf16 -> tensor-core
+// kernels (mma.sync, fp32 accumulation) whose dot operands phi(k), v, phi(q), g / z, S, dS are
+// rounded to the input dtype exactly as in the Triton backend; z, dz, m, dm and all sums stay
+// fp32. Both use the same splits and workspace sizes.
 #pragma once
 
 #include <cstddef>

@@ -12,8 +12,11 @@ to be the patch-parallel CLEAR op:
     revert_clear(transformer)       # fastdit.integrations.revert_clear restores the processors
 
 `x` and `img_ids` are the FULL image's (the same on every rank); each rank keeps its band.
-The pooled-KV variant (down_factor) is not supported patch-parallel: its pooled keys would need the
-whole image on every rank.
+The pooled-KV variant (`down_factor=f`) is supported: each processor holds the learnable
+`spatial_weight` under the same name as `apply_clear`'s (so the released checkpoints load the same
+way), each rank pools its band's keys and `fastdit.distributed.clear_pool_kv` all-gathers the
+pooled set (see there). Its gradient follows the replicated-parameter convention: the ranks'
+`spatial_weight` gradients sum to the single-process gradient.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 from fastdit.distributed._group import band_bounds, group_info
 from fastdit.distributed.local_window_attention import local_window_attention
+from fastdit.distributed.pool import clear_pool_kv
 from fastdit.distributed.rows import gather_image_rows, split_image_rows
 from fastdit.integrations.flux import ClearFluxAttnProcessor, install_processors
 from fastdit.reference.local_window_attention import proportional_scale
@@ -32,12 +36,13 @@ from fastdit.reference.local_window_attention import proportional_scale
 class PatchParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
     """ClearFluxAttnProcessor whose attention is `fastdit.distributed.local_window_attention`:
     the block sees this rank's text tokens and band of image rows; height/width are the FULL
-    image's, in tokens."""
+    image's, in tokens. With `down_factor`, the pooled keys of the whole image come from
+    `fastdit.distributed.clear_pool_kv` with this processor's `spatial_weight`."""
 
     def __init__(self, radius: float, height: int, width: int, group=None,
                  proportional_attention: bool = False, backend: Optional[str] = None,
-                 validate: bool = True):
-        super().__init__(radius, height, width, None, proportional_attention, backend)
+                 validate: bool = True, down_factor: Optional[int] = None):
+        super().__init__(radius, height, width, down_factor, proportional_attention, backend)
         self.group = group
         self.validate = validate
 
@@ -54,26 +59,41 @@ class PatchParallelClearFluxAttnProcessor(ClearFluxAttnProcessor):
                              f"each rank its band (flux_forward_patch_parallel does)")
         head_dim = q.shape[-1]
         if self.proportional_attention:
-            scale = proportional_scale(text_len + self.height * self.width, head_dim)
+            scale = proportional_scale(text_len + self.height * self.width, head_dim,
+                                       pooled=bool(self.down_factor))
         else:
             scale = 1.0 / math.sqrt(head_dim)
+        pooled = None
+        if self.down_factor:
+            pooled = clear_pool_kv(k, v, self.height, self.width, text_len, self.down_factor,
+                                   self.spatial_weight.to(k.dtype), self.group, self.validate)
         return local_window_attention(q, k, v, height=self.height, width=self.width,
-                                      radius=self.radius, text_len=text_len, group=self.group,
-                                      scale=scale, backend=self.backend, validate=self.validate)
+                                      radius=self.radius, text_len=text_len, pooled_kv=pooled,
+                                      group=self.group, scale=scale, backend=self.backend,
+                                      validate=self.validate)
 
 
 def apply_clear_patch_parallel(transformer, radius: float, height: int, width: int, group=None,
                                proportional_attention: bool = False, backend: Optional[str] = None,
-                               validate: bool = True):
+                               validate: bool = True, down_factor: Optional[int] = None):
     """Installs patch-parallel CLEAR attention on every double- and single-stream block of a
     diffusers FluxTransformer2DModel (in place; `fastdit.integrations.revert_clear` undoes it).
     height/width: the full image in tokens (pixels // 16). validate: see
-    `fastdit.distributed.local_window_attention` (False saves one small all_gather and, on NCCL,
-    a host sync per attention layer). Returns the transformer."""
+    `fastdit.distributed.local_window_attention` (False saves the small argument all_gathers and,
+    on NCCL, their host syncs per attention layer). down_factor: CLEAR's pooled-key variant, as in
+    `apply_clear` (height and width divisible by it; each processor gets a learnable
+    `spatial_weight`, initialised 1/f^2, loadable from the released checkpoints under
+    `<block>.attn.processor.spatial_weight`). Returns the transformer."""
+    if down_factor is not None and (isinstance(down_factor, bool) or not isinstance(down_factor, int)
+                                    or down_factor < 1 or height % down_factor
+                                    or width % down_factor):
+        raise ValueError(f"apply_clear_patch_parallel: down_factor must be an int >= 1 dividing "
+                         f"height={height} and width={width}, got {down_factor!r}")
     return install_processors(
         transformer, "apply_clear_patch_parallel",
         lambda: PatchParallelClearFluxAttnProcessor(radius, height, width, group,
-                                                    proportional_attention, backend, validate))
+                                                    proportional_attention, backend, validate,
+                                                    down_factor))
 
 
 def flux_forward_patch_parallel(transformer, *, hidden_states: torch.Tensor, img_ids: torch.Tensor,

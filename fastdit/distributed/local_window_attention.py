@@ -8,6 +8,8 @@ from the neighbours that own them (point-to-point, `batch_isend_irecv`) while th
 computed, and the single-GPU op runs on the band extended by its halo. Text queries attend every
 image key: each rank computes their attention over its own band (plus the text keys, counted on
 rank 0 only) with its log-sum-exp, and one all_gather of (o, lse) merges the partials exactly.
+With CLEAR's pooled keys (`pooled_kv`, the full-image set that `fastdit.distributed.clear_pool_kv`
+all-gathers), every image query of the extended band also attends them; text queries do not.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from fastdit.ops.local_window_attention import local_window_attention as _single
 
 _BACKENDS = (None, "triton", "reference", "flex", "cuda")
 _FIELDS = ("batch", "heads", "tokens", "head_dim", "height", "width", "text_len", "dtype", "radius",
-           "scale", "backend")
+           "scale", "backend", "pooled")
 
 
 def halo_rows(radius: float, height: int, width: int) -> int:
@@ -175,10 +177,34 @@ def _text_attention(q, k, v, text_len, scale, rank, world, group):
     return _merge_partials(gathered[..., :-1], gathered[..., -1:])[0].to(q.dtype)
 
 
-def _validate_local(name, q, k, v, height, width, radius, text_len, scale, backend, rank, world):
+def _check_pooled(name, q, pooled_kv) -> int:
+    """The number of pooled keys P of `pooled_kv` ((k_p, v_p), each (B, H, P, D) like q), -1 for
+    None. Raises ValueError naming the argument (before any traffic: the single-GPU op would only
+    check it after the halo exchange has started)."""
+    if pooled_kv is None:
+        return -1
+    if not isinstance(pooled_kv, (tuple, list)) or len(pooled_kv) != 2:
+        raise ValueError(f"{name}: pooled_kv must be a pair (k_p, v_p), got "
+                         f"{type(pooled_kv).__name__}")
+    B, H, _, D = q.shape
+    for i, t in enumerate(pooled_kv):
+        if (not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[0] != B or t.shape[1] != H
+                or t.shape[3] != D or t.shape != pooled_kv[0].shape or t.dtype != q.dtype
+                or t.device != q.device):
+            got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"{name}: pooled_kv[{i}] must be a (B, H, P, D) = ({B}, {H}, P, {D}) "
+                             f"tensor like q ({q.dtype} on {q.device}), the same shape as "
+                             f"pooled_kv[0]; got {got}")
+    return pooled_kv[0].shape[2]
+
+
+def _validate_local(name, q, k, v, height, width, radius, text_len, scale, backend, pooled_kv,
+                    rank, world):
     """Checks this rank's own arguments; returns (message or None, description row)."""
     try:
         check_window_args(name, q, k, v, height, width, radius, text_len, scale)
+        pooled = _check_pooled(name, q, pooled_kv)
         if world > height:
             raise ValueError(f"{name}: the group has {world} ranks but the image only {height} rows;"
                              f" every rank needs at least one row (use a smaller group, or the "
@@ -195,14 +221,15 @@ def _validate_local(name, q, k, v, height, width, radius, text_len, scale, backe
         return str(exc), [0.0] * len(_FIELDS)
     B, H, N, D = q.shape
     row = [B, H, N, D, height, width, text_len, DTYPES.index(q.dtype) if q.dtype in DTYPES else -1,
-           float(radius), -1.0 if scale is None else float(scale), _BACKENDS.index(backend)]
+           float(radius), -1.0 if scale is None else float(scale), _BACKENDS.index(backend), pooled]
     return None, row
 
 
 def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, height: int,
-                           width: int, radius: float, text_len: int = 0, group=None,
-                           scale: Optional[float] = None, backend: Optional[str] = None,
-                           validate: bool = True):
+                           width: int, radius: float, text_len: int = 0,
+                           pooled_kv: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                           group=None, scale: Optional[float] = None,
+                           backend: Optional[str] = None, validate: bool = True):
     """CLEAR local-window attention with the image split over the ranks of `group`.
 
     Same attention as `fastdit.local_window_attention` (text tokens first, then the height x width
@@ -216,11 +243,15 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
             B, H, D, dtype, height, width, radius, text_len, scale and backend on every rank.
         height, width: the FULL image size in tokens; radius: window radius (tokens, > 0).
         text_len: text prefix length T (replicated on every rank).
+        pooled_kv: optional (k_p, v_p), each (B, H, P, D): CLEAR's pooled keys/values of the FULL
+            image (`fastdit.distributed.clear_pool_kv` builds them from the bands), the same on
+            every rank. As in the single-GPU op, every image query attends all of them and text
+            queries do not (so the text-query merge is unchanged).
         group: torch.distributed process group (NCCL on GPUs, gloo on CPU); default the world.
             A group of one, or torch.distributed not initialised, runs the single-GPU op.
         scale: softmax scale (default 1/sqrt(D)); backend: passed to the single-GPU op that runs on
             each rank's extended band ("triton", "reference", "flex"; None = best here).
-        validate: compare every rank's arguments first (one all_gather of 12 numbers per rank;
+        validate: compare every rank's arguments first (one all_gather of 13 numbers per rank;
             on NCCL also a host sync, since the verdict must reach Python). False skips it: this
             rank's own arguments are still checked, but ranks that disagree then fail inside the
             collectives or hang, so only pass False for calls already validated.
@@ -228,7 +259,7 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         o: (B, H, text_len + band_rows * width, D): this rank's text outputs (identical on every
         rank) and its band's image outputs.
 
-    Communication per call: with `validate`, one all_gather of 12 numbers per rank (the ranks'
+    Communication per call: with `validate`, one all_gather of 13 numbers per rank (the ranks'
     arguments are compared before any halo traffic, so a mismatch raises on every rank instead of
     hanging); the halo rows of K and V (`halo_rows(radius)` rows above and below the band, from
     the ranks that own them: several neighbours per side when the radius exceeds a band, which is
@@ -236,19 +267,23 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     all_gather of B * H * T * (D + 1) fp32 values. Backward sends the halo gradients back to
     their owners and all-reduces the text partials' gradients.
 
-    Autograd: differentiable in q, k, v. The text outputs are replicated; as for replicated
-    parameters, the gradients that the ranks' copies of the text tokens receive sum, over the
-    ranks, to the single-process gradient (each rank's q/k/v text gradient is its share).
+    Autograd: differentiable in q, k, v and pooled_kv. The text outputs are replicated; as for
+    replicated parameters, the gradients that the ranks' copies of the text tokens receive sum,
+    over the ranks, to the single-process gradient (each rank's q/k/v text gradient is its share).
+    The same holds for pooled_kv (each rank's gradient comes from its band's image queries;
+    `clear_pool_kv` sums them over the ranks in its backward).
     Image queries in halo rows are not computed for the output: the extended band's queries
-    there are zeros and their outputs are dropped.
+    there are zeros and their outputs are dropped (their upstream gradient is zero, so they add
+    nothing to any gradient, pooled keys' included).
     """
     name = "fastdit.distributed.local_window_attention"
     group, rank, world = group_info(group)
     if world == 1:
         return _single_gpu_op(q, k, v, height=height, width=width, radius=radius,
-                              text_len=text_len, scale=scale, backend=backend)
+                              text_len=text_len, pooled_kv=pooled_kv, scale=scale,
+                              backend=backend)
     error, row = _validate_local(name, q, k, v, height, width, radius, text_len, scale, backend,
-                                 rank, world)
+                                 pooled_kv, rank, world)
     if not validate:
         if error is not None:
             raise ValueError(error)
@@ -275,6 +310,6 @@ def local_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         q_ext, k_ext, v_ext = (torch.cat([t[:, :, :T], e], dim=2)
                                for t, e in ((q, q_ext), (k, k_ext), (v, v_ext)))
     o_ext = _single_gpu_op(q_ext, k_ext, v_ext, height=hi - lo, width=W, radius=radius,
-                           text_len=T, scale=scale, backend=backend)
+                           text_len=T, pooled_kv=pooled_kv, scale=scale, backend=backend)
     o_img = o_ext.narrow(2, T + (a - lo) * W, (b - a) * W)
     return o_img if o_text is None else torch.cat([o_text, o_img], dim=2)

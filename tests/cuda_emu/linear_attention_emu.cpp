@@ -1,8 +1,15 @@
-// CPU-emulated build of csrc/linear_attention/linear_attention.cu (see cuda_emu.h), exposed as a
-// C ABI for ctypes: tests/test_cuda_backend.py runs the real kernel source against the reference.
+// CPU-emulated build of csrc/linear_attention/ (linear_attention.cu: fp32 FMA kernels and the host
+// API; linear_attention_tc.cu: the fp16 / bf16 tensor-core kernels, whose ldmatrix / mma.sync /
+// cp.async come from cuda_emu_mma.h, lane by lane; see cuda_emu.h), exposed as a C ABI for
+// ctypes: tests/test_cuda_backend.py runs the real kernel source against the reference.
 #include "cuda_emu.h"
 
+// The state splits and the tensor-core row grids aim for ~528 CTAs on a GPU; with 2, the tests'
+// small problems also run several tiles per split (the double-buffered loop, a partial last tile)
+// and per row-kernel CTA (the tile loop and its early exit); B * H = 1 still gives 2 splits.
+#define FASTDIT_LA_TARGET_CTAS 2
 #include "linear_attention/linear_attention.cu"
+#include "linear_attention/linear_attention_tc.cu"
 
 namespace la = fastdit::linear_attention;
 
