@@ -247,6 +247,16 @@ def _check_group_of_one(rank, world):
     assert fdist.split_image_rows(q, 4, 3, 2, group=singles[rank]) is q
 
 
+def _flux_inputs(height, width, T, g):
+    """Forward kwargs of the tiny FLUX model for a height x width token image and T text tokens."""
+    ids = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1)
+    return dict(hidden_states=torch.randn(1, height * width, 8, generator=g),
+                encoder_hidden_states=torch.randn(1, T, 16, generator=g),
+                pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.cat([torch.zeros(height * width, 1), ids.reshape(-1, 2).float()], 1),
+                txt_ids=torch.zeros(T, 3))
+
+
 def _flux_model():
     from diffusers import FluxTransformer2DModel
 
@@ -277,12 +287,7 @@ def _check_flux(rank, world):
 
     height, width, T, radius = 5, 6, 5, 2.5
     g = torch.Generator().manual_seed(1)
-    ids = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1)
-    inputs = dict(hidden_states=torch.randn(1, height * width, 8, generator=g),
-                  encoder_hidden_states=torch.randn(1, T, 16, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.cat([torch.zeros(height * width, 1), ids.reshape(-1, 2).float()], 1),
-                  txt_ids=torch.zeros(T, 3))
+    inputs = _flux_inputs(height, width, T, g)
     model = _flux_model()
     attns = [b.attn for blocks in (model.transformer_blocks, model.single_transformer_blocks)
              for b in blocks]
@@ -335,12 +340,7 @@ def _check_flux_pooled(rank, world):
 
     height, width, T, radius, f = 6, 4, 5, 2.5, 2
     g = torch.Generator().manual_seed(2)
-    ids = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij"), -1)
-    inputs = dict(hidden_states=torch.randn(1, height * width, 8, generator=g),
-                  encoder_hidden_states=torch.randn(1, T, 16, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-                  img_ids=torch.cat([torch.zeros(height * width, 1), ids.reshape(-1, 2).float()], 1),
-                  txt_ids=torch.zeros(T, 3))
+    inputs = _flux_inputs(height, width, T, g)
     grad_out = torch.randn(1, height * width, 8, generator=g, dtype=f64)
     model = _flux_model()
     names = [f"{blocks}.0.attn.processor.spatial_weight"
