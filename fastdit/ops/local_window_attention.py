@@ -579,14 +579,32 @@ def _baselines() -> List[Provider]:
     def sdpa(q, k, v, height, width, radius, text_len=0, pooled_kv=None, return_lse=False, scale=None):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
+    def flash(q, k, v, height, width, radius, text_len=0, pooled_kv=None, return_lse=False, scale=None):
+        from flash_attn import flash_attn_func  # (B, N, H, D) views; unit last-dim stride
+
+        o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+        return o.transpose(1, 2)
+
     def flex_ok():
         if not torch.cuda.is_available():
             return False, "compiled FlexAttention baseline needs a CUDA GPU"
         return _flex_available("cuda")
 
+    def flash_ok():
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            return False, "flash-attn is not installed (pip install fastdit[baselines])"
+        if not torch.cuda.is_available():
+            return False, "flash-attn needs a CUDA GPU"
+        return True, ""
+
     return [
         Provider("flex (compiled, same block mask)", flex, available=flex_ok),
         Provider("sdpa (dense, different op)", sdpa, checks_correctness=False),
+        Provider("flash-attn (dense, different op)", flash, available=flash_ok,
+                 supports=lambda case: case.dtype in (torch.float16, torch.bfloat16),
+                 checks_correctness=False),
     ]
 
 
