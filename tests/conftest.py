@@ -30,3 +30,29 @@ def pytest_report_header(config):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(_ROOT, "csrc")
+EMU_DIR = os.path.join(_ROOT, "tests", "cuda_emu")
+
+
+def build_cuda_emulation(tmp_path_factory, source: str):
+    """Compiles tests/cuda_emu/<source> (a csrc/ kernel file built against the CPU emulation in
+    cuda_emu.h) into a shared library and loads it with ctypes; skips the calling test when this
+    machine has no suitable C++ compiler."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++) for the CPU emulation")
+    out = str(tmp_path_factory.mktemp(source.split(".")[0]) / "emu.so")
+    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", CSRC, "-I", EMU_DIR,
+           "-o", out, os.path.join(EMU_DIR, source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "_Float16" in proc.stderr:
+        pytest.skip("this C++ compiler lacks _Float16 (needed by the emulation's fp16 type)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(out)

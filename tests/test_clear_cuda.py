@@ -19,9 +19,6 @@ windows (fastdit.rettention_sparse, backend="cuda").
 import ctypes
 import dataclasses
 import math
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -34,10 +31,8 @@ from fastdit._registry import get_op
 from fastdit.ops.local_window_attention import _case as clear_case, check_cuda_args
 from fastdit.ops.sparse_attention import Window, _attn_case, _sparse_case
 from fastdit.testing import assert_all_ok, randn, run_case
+from conftest import build_cuda_emulation  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 HAS_GPU = torch.cuda.is_available()
 F16, BF16 = torch.float16, torch.bfloat16
 DT_ID = {F16: 0, BF16: 1}
@@ -61,17 +56,7 @@ needs_ext = pytest.mark.skipif(not (HAS_GPU and _lwa_cuda_ready()[0]),
 
 @pytest.fixture(scope="session")
 def emu(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++) for the CPU emulation")
-    out = str(tmp_path_factory.mktemp("lwa_emu") / "lwa_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", CSRC, "-I", EMU_DIR,
-           "-o", out, os.path.join(EMU_DIR, "local_window_emu.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "_Float16" in proc.stderr:
-        pytest.skip("this C++ compiler lacks _Float16 (needed by the emulation's fp16 type)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(out)
+    lib = build_cuda_emulation(tmp_path_factory, "local_window_emu.cpp")
     i64, vp, f64 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double
     lib.lwa_emu_fwd.argtypes = ([ctypes.c_int, ctypes.c_int] + [i64] * 5 + [f64] + [i64] * 3 + [f64]
                                 + [i64] * 3 + [vp] * 6 + [vp, vp, vp, vp, ctypes.c_int])

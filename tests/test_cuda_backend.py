@@ -33,10 +33,9 @@ from fastdit._memory import empty
 from fastdit._registry import Case, get_op
 from fastdit.testing import assert_all_ok, randn, run_case, seed_for
 import fastdit.reference.linear_attention as ref_mod
+from conftest import build_cuda_emulation  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 HAS_GPU = torch.cuda.is_available()
 CUDA_READY = HAS_GPU and _cuda_ext.status()[0]
 needs_ext = pytest.mark.skipif(not CUDA_READY, reason=f"CUDA backend unavailable: {_cuda_ext.status()[1]}")
@@ -199,24 +198,9 @@ def test_cuda_bad_input_is_rejected_before_launch():
 # CPU emulation of the kernel source
 
 
-def _emu_compiler():
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    return cxx
-
-
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    cxx = _emu_compiler()
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++) for the CPU emulation")
-    out = str(tmp_path_factory.mktemp("la_emu") / "la_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", CSRC, "-I", EMU_DIR,
-           "-o", out, os.path.join(EMU_DIR, "linear_attention_emu.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "_Float16" in proc.stderr:
-        pytest.skip("this C++ compiler lacks _Float16 (needed by the emulation's fp16 type)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(out)
+    lib = build_cuda_emulation(tmp_path_factory, "linear_attention_emu.cpp")
     i64, vp = ctypes.c_int64, ctypes.c_void_p
     lib.la_emu_fwd.argtypes = [ctypes.c_int, ctypes.c_int] + [i64] * 5 + [ctypes.c_float] + [vp] * 7
     lib.la_emu_bwd.argtypes = [ctypes.c_int, ctypes.c_int] + [i64] * 5 + [ctypes.c_float] + [vp] * 11

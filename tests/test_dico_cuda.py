@@ -15,9 +15,6 @@
 * Bad input with backend="cuda": a clear Python exception before any launch.
 """
 import ctypes
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -29,10 +26,8 @@ from fastdit._registry import get_op
 from fastdit.ops.dico import (OP_BIAS_GELU, OP_BLOCK, OP_CCA_CONV3, OP_DW, OP_GATED_RES, OP_LN, OP_RES_LN,
                               _bias_gelu_case, _cca_conv3_case, _dw_case, _gated_res_case, _ln_case)
 from fastdit.testing import assert_all_ok, run_case, seed_for
+from conftest import build_cuda_emulation  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CSRC = os.path.join(ROOT, "csrc")
-EMU_DIR = os.path.join(ROOT, "tests", "cuda_emu")
 CUDA_READY = torch.cuda.is_available() and _cuda_ext.status()[0]
 needs_ext = pytest.mark.skipif(not CUDA_READY, reason=f"CUDA backend unavailable: {_cuda_ext.status()[1]}")
 
@@ -71,17 +66,7 @@ def _ids(case):
 
 @pytest.fixture(scope="module")
 def emu_lib(tmp_path_factory):
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no C++ compiler (g++) for the CPU emulation")
-    out = str(tmp_path_factory.mktemp("dico_emu") / "dico_emu.so")
-    cmd = [cxx, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-I", CSRC, "-I", EMU_DIR, "-o", out,
-           os.path.join(EMU_DIR, "dico_emu.cpp")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0 and "_Float16" in proc.stderr:
-        pytest.skip("this C++ compiler lacks _Float16 (needed by the emulation's fp16 type)")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lib = ctypes.CDLL(out)
+    lib = build_cuda_emulation(tmp_path_factory, "dico_emu.cpp")
     i64 = ctypes.c_int64
     lib.dico_emu_workspace.restype = i64
     lib.dico_emu_workspace.argtypes = [ctypes.c_int, ctypes.c_int] + [i64] * 4

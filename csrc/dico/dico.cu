@@ -130,6 +130,24 @@ __device__ __forceinline__ float block_sum(float a, float* red) {
   return a;
 }
 
+// LayerNorm statistics of one pixel row held by the block (V channels per thread from c0): centers
+// v in place (channels >= C set to 0) and returns rstd = 1 / sqrt(var + eps). inv_c = 1 / C.
+template <int V>
+__device__ __forceinline__ float center_row(float (&v)[V], int64_t c0, int64_t C, float inv_c,
+                                            float eps, float* red) {
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) s += v[e];
+  const float mean = block_sum(s, red) * inv_c;
+  float ss = 0.f;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    v[e] = c0 + e < C ? v[e] - mean : 0.f;
+    ss = fmaf(v[e], v[e], ss);
+  }
+  return rsqrtf(block_sum(ss, red) * inv_c + eps);
+}
+
 // Adds the kTileRows threads' acc (one per threadIdx / 32, same channel group) in row order and
 // writes the sum to dst[c0 : c0 + V] (channels < C). red: kTileRows * kTileGroups * V floats.
 template <int V>
@@ -186,17 +204,7 @@ ln_mod_fwd_kernel(const T* __restrict__ x, const T* __restrict__ z, const T* __r
       for (int e = 0; e < V; ++e) v[e] = fmaf(gt[e], zz[e] + bs[e], v[e]);
       store_group(x_out + off, c0, C, vec, v);
     }
-    float s = 0.f;
-#pragma unroll
-    for (int e = 0; e < V; ++e) s += v[e];
-    const float mean = block_sum(s, red) * inv_c;
-    float ss = 0.f;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      v[e] = c0 + e < C ? v[e] - mean : 0.f;
-      ss = fmaf(v[e], v[e], ss);
-    }
-    const float rstd = rsqrtf(block_sum(ss, red) * inv_c + eps);
+    const float rstd = center_row<V>(v, c0, C, inv_c, eps, red);
     float out[V];
 #pragma unroll
     for (int e = 0; e < V; ++e) out[e] = fmaf(v[e] * rstd, 1.f + sc[e], sh[e]);
@@ -244,17 +252,7 @@ ln_mod_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ gx, const T* _
       }
     }
     load_group(gy + off, c0, C, vec, g);
-    float s = 0.f;
-#pragma unroll
-    for (int e = 0; e < V; ++e) s += v[e];
-    const float mean = block_sum(s, red) * inv_c;
-    float ss = 0.f;
-#pragma unroll
-    for (int e = 0; e < V; ++e) {
-      v[e] = c0 + e < C ? v[e] - mean : 0.f;
-      ss = fmaf(v[e], v[e], ss);
-    }
-    const float rstd = rsqrtf(block_sum(ss, red) * inv_c + eps);
+    const float rstd = center_row<V>(v, c0, C, inv_c, eps, red);
     float c1 = 0.f, c2 = 0.f;
 #pragma unroll
     for (int e = 0; e < V; ++e) {

@@ -107,11 +107,13 @@ __device__ __forceinline__ void tc_store_tile(T* __restrict__ base, int64_t sn, 
   }
 }
 
-// sW[i][j] <- W[i][j] (row-major D x D fp32 in global memory) rounded to T; zero outside D x D.
+// One (B*H) row [W | w] of a state (W: row-major D x D, w: D; fp32 in global memory) into shared
+// memory: sW[i][j] <- W[i][j] rounded to T, zero outside D x D; sw[d] <- w[d], zero for d >= D.
 template <typename T, int DP>
-__device__ __forceinline__ void tc_load_state(T* sW, const float* __restrict__ W, int D,
-                                              int nthreads) {
+__device__ __forceinline__ void tc_load_state(T* sW, float* sw, const float* __restrict__ W,
+                                              int D, int nthreads) {
   constexpr int LDS = kTcLds<DP>;
+  for (int d = threadIdx.x; d < DP; d += nthreads) sw[d] = d < D ? W[(int64_t)D * D + d] : 0.f;
   for (int e = threadIdx.x; e < DP * DP / 2; e += nthreads) {
     const int i = e / (DP / 2);
     const int j = (e - i * (DP / 2)) * 2;  // D is even: a pair is inside or outside together
@@ -404,8 +406,7 @@ la_fwd_out_tc_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t 
   const T* qb = q + b * sqb + h * sqh;
   T* obase = o + b * sob + h * soh;
 
-  for (int d = tid; d < DP; d += kTcRowThreads) sM[d] = d < D ? S[DD + d] : 0.f;
-  tc_load_state<T, DP>(sW, S, D, kTcRowThreads);
+  tc_load_state<T, DP>(sW, sM, S, D, kTcRowThreads);
   const int64_t first = (int64_t)blockIdx.x * tiles_per_cta * kTcRows;
   for (int it = 0; it < tiles_per_cta; ++it) {
     const int64_t n0 = first + (int64_t)it * kTcRows;
@@ -466,8 +467,7 @@ la_bwd_dq_tc_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t s
   const int64_t DD = (int64_t)D * D;
   const float* S = state + bh * (DD + D);
 
-  for (int d = tid; d < DP; d += kTcRowThreads) sM[d] = d < D ? S[DD + d] : 0.f;
-  tc_load_state<T, DP>(sW, S, D, kTcRowThreads);
+  tc_load_state<T, DP>(sW, sM, S, D, kTcRowThreads);
   const int64_t first = (int64_t)blockIdx.x * tiles_per_cta * kTcRows;
   for (int it = 0; it < tiles_per_cta; ++it) {
     const int64_t n0 = first + (int64_t)it * kTcRows;
@@ -528,8 +528,7 @@ la_bwd_dkv_tc_kernel(const T* __restrict__ k, int64_t skb, int64_t skh, int64_t 
   const int64_t DD = (int64_t)D * D;
   const float* dS = dstate + bh * (DD + D);
 
-  for (int d = tid; d < DP; d += kTcRowThreads) sDm[d] = d < D ? dS[DD + d] : 0.f;
-  tc_load_state<T, DP>(sW, dS, D, kTcRowThreads);
+  tc_load_state<T, DP>(sW, sDm, dS, D, kTcRowThreads);
   const int64_t first = (int64_t)blockIdx.x * tiles_per_cta * kTcRows;
   for (int it = 0; it < tiles_per_cta; ++it) {
     const int64_t n0 = first + (int64_t)it * kTcRows;

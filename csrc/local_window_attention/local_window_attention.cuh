@@ -23,6 +23,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/view.cuh"
+
 #ifndef FASTDIT_CPU_EMULATION  // tests/cuda_emu/ provides the few runtime types it uses
 #include <cuda_runtime.h>
 #endif
@@ -33,13 +35,7 @@ namespace local_window_attention {
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 enum class WindowKind : int { kCircle = 0, kBand = 1, kFrameBand = 2 };
 
-// A (B, H, N, D) view: element strides of B, H, N; the D stride is 1.
-struct View {
-  void* data;
-  int64_t sb;
-  int64_t sh;
-  int64_t sn;
-};
+using View = ::fastdit::View;  // (B, H, N, D) data + B/H/N strides: common/view.cuh
 
 struct Problem {
   DType dtype;

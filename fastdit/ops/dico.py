@@ -1008,23 +1008,21 @@ def _block_baselines():
 
 _compiled_cache: Dict[str, object] = {}
 
-register_op(OpSpec(name=OP_LN, fn=ln_modulate, backends=("triton", "cuda", "reference"),
-                   check_cases=_ln_check_cases, summary="DiCo: channel LayerNorm + adaLN modulate (NHWC)"))
-register_op(OpSpec(name=OP_RES_LN, fn=residual_ln_modulate, backends=("triton", "cuda", "reference"),
-                   check_cases=_res_check_cases,
-                   summary="DiCo: residual + gate, then channel LayerNorm + modulate (NHWC)"))
-register_op(OpSpec(name=OP_DW, fn=dwconv_gelu_pool, backends=("triton", "cuda", "reference"),
-                   check_cases=_dw_check_cases,
-                   summary="DiCo: depthwise 3x3 + bias + GELU + global average pool (NHWC)"))
-register_op(OpSpec(name=OP_BIAS_GELU, fn=bias_gelu, backends=("triton", "cuda", "reference"),
-                   check_cases=_bias_gelu_check_cases, summary="DiCo: conv4 epilogue, bias + exact GELU (NHWC)"))
-register_op(OpSpec(name=OP_GATED_RES, fn=gated_residual, backends=("triton", "cuda", "reference"),
-                   check_cases=_gated_res_check_cases,
-                   summary="DiCo: conv5 epilogue, bias + gate + residual (NHWC)"))
-register_op(OpSpec(name=OP_CCA_CONV3, fn=cca_conv3, backends=("triton", "cuda", "reference"),
-                   check_cases=_cca_conv3_check_cases,
-                   summary="DiCo: conv3 on the CCA-scaled operand (scale folded into weight or operand)"))
-register_op(OpSpec(name=OP_BLOCK, fn=_block_flat, backends=("triton", "cuda", "reference"),
+_BACKENDS = ("triton", "cuda", "reference")
+for _name, _fn, _checks, _summary in (
+    (OP_LN, ln_modulate, _ln_check_cases, "DiCo: channel LayerNorm + adaLN modulate (NHWC)"),
+    (OP_RES_LN, residual_ln_modulate, _res_check_cases,
+     "DiCo: residual + gate, then channel LayerNorm + modulate (NHWC)"),
+    (OP_DW, dwconv_gelu_pool, _dw_check_cases,
+     "DiCo: depthwise 3x3 + bias + GELU + global average pool (NHWC)"),
+    (OP_BIAS_GELU, bias_gelu, _bias_gelu_check_cases, "DiCo: conv4 epilogue, bias + exact GELU (NHWC)"),
+    (OP_GATED_RES, gated_residual, _gated_res_check_cases,
+     "DiCo: conv5 epilogue, bias + gate + residual (NHWC)"),
+    (OP_CCA_CONV3, cca_conv3, _cca_conv3_check_cases,
+     "DiCo: conv3 on the CCA-scaled operand (scale folded into weight or operand)"),
+):
+    register_op(OpSpec(name=_name, fn=_fn, backends=_BACKENDS, check_cases=_checks, summary=_summary))
+register_op(OpSpec(name=OP_BLOCK, fn=_block_flat, backends=_BACKENDS,
                    check_cases=_block_check_cases, bench_cases=_block_bench_cases,
                    baselines=_block_baselines,
                    summary="DiCo block (fused LN/modulate, dwconv+GELU+pool, residual+LN; cuBLAS 1x1)"))
@@ -1235,6 +1233,6 @@ def _model_baselines():
             Provider("DiT-XL/2 (diffusers)", dit, available=_diffusers_available, checks_correctness=False)]
 
 
-register_op(OpSpec(name=OP_MODEL, fn=dico_model, backends=("triton", "cuda", "reference"),
+register_op(OpSpec(name=OP_MODEL, fn=dico_model, backends=_BACKENDS,
                    check_cases=_model_check_cases, bench_cases=_model_bench_cases, baselines=_model_baselines,
                    summary="DiCo model forward: fused blocks vs unfused; DiCo-XL vs DiT-XL/2 images/s"))
