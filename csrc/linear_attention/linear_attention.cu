@@ -216,9 +216,8 @@ la_state_partial_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxh, int64
   const int tr = tid >> 4;
   const int tc = tid & 15;
   const int split = blockIdx.x;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
+  const HeadOf head(H);
+  const int64_t bh = head.bh, b = head.b, h = head.h;
   const int64_t DD = (int64_t)D * D;
   const T* xb = x + b * sxb + h * sxh;
   const T* yb = y + b * syb + h * syh;
@@ -226,7 +225,7 @@ la_state_partial_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxh, int64
   zero_pad_columns<DP, BN>(sX, D);
   zero_pad_columns<DP, BN>(sY, D);
   if (QS) {
-    for (int d = tid; d < DP; d += kThreads) sM[d] = d < D ? state[bh * (DD + D) + DD + d] : 0.f;
+    load_state_vector<DP>(sM, head.state_row(state, D), D, kThreads);
   }
 
   float acc[MI][MI];
@@ -330,14 +329,12 @@ la_fwd_out_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t sqn
   const int tr = tid >> 4;
   const int tc = tid & 15;
   const int64_t n0 = (int64_t)blockIdx.x * BN;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* S = state + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* S = head.state_row(state, D);
 
   zero_pad_columns<DP, BN>(sQ, D);
-  for (int d = tid; d < DP; d += kThreads) sM[d] = d < D ? S[DD + d] : 0.f;
+  load_state_vector<DP>(sM, S, D, kThreads);
   load_tile<T, DP, BN>(sQ, q + b * sqb + h * sqh, sqn, n0, N, D, vec_q, fmap);
   __syncthreads();
   {
@@ -393,16 +390,14 @@ la_bwd_dq_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t sqn,
   const int tr = tid >> 4;
   const int tc = tid & 15;
   const int64_t n0 = (int64_t)blockIdx.x * BN;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* S = state + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* S = head.state_row(state, D);
   const T* ob = o + b * sob + h * soh;
 
   zero_pad_columns<DP, BN>(sQ, D);
   zero_pad_columns<DP, BN>(sG, D);
-  for (int d = tid; d < DP; d += kThreads) sM[d] = d < D ? S[DD + d] : 0.f;
+  load_state_vector<DP>(sM, S, D, kThreads);
   load_tile<T, DP, BN>(sQ, q + b * sqb + h * sqh, sqn, n0, N, D, vec_q, -1);
   load_tile<T, DP, BN>(sG, g + b * sgb + h * sgh, sgn, n0, N, D, vec_g, -1);
   __syncthreads();
@@ -476,15 +471,13 @@ la_bwd_dkv_kernel(const T* __restrict__ k, int64_t skb, int64_t skh, int64_t skn
   const int tr = tid >> 4;
   const int tc = tid & 15;
   const int64_t n0 = (int64_t)blockIdx.x * BN;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* dS = dstate + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* dS = head.state_row(dstate, D);
 
   zero_pad_columns<DP, BN>(sK, D);
   zero_pad_columns<DP, BN>(sV, D);
-  for (int d = tid; d < DP; d += kThreads) sDm[d] = d < D ? dS[DD + d] : 0.f;
+  load_state_vector<DP>(sDm, dS, D, kThreads);
   load_tile<T, DP, BN>(sK, k + b * skb + h * skh, skn, n0, N, D, vec_k, -1);
   load_tile<T, DP, BN>(sV, v + b * svb + h * svh, svn, n0, N, D, vec_v, -1);
 

@@ -48,6 +48,24 @@ __device__ __forceinline__ float dphi(float x, int fmap) {
   return 1.f;
 }
 
+// The (batch, head) a kernel block works on (grid y = b * H + h) and that head's row of a
+// (B*H, D*D + D) fp32 state [W | w].
+struct HeadOf {
+  int64_t bh, b, h;
+  __device__ __forceinline__ explicit HeadOf(int64_t H)
+      : bh(blockIdx.y), b(static_cast<int64_t>(blockIdx.y) / H), h(bh - b * H) {}
+  __device__ __forceinline__ const float* state_row(const float* state, int D) const {
+    return state + bh * ((int64_t)D * D + D);
+  }
+};
+
+// sw[d] <- w[d] of a state row [W | w] (W: D x D, w: D fp32), zero for D <= d < DP.
+template <int DP>
+__device__ __forceinline__ void load_state_vector(float* sw, const float* row, int D,
+                                                  int nthreads) {
+  for (int d = threadIdx.x; d < DP; d += nthreads) sw[d] = d < D ? row[(int64_t)D * D + d] : 0.f;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);

@@ -113,7 +113,7 @@ template <typename T, int DP>
 __device__ __forceinline__ void tc_load_state(T* sW, float* sw, const float* __restrict__ W,
                                               int D, int nthreads) {
   constexpr int LDS = kTcLds<DP>;
-  for (int d = threadIdx.x; d < DP; d += nthreads) sw[d] = d < D ? W[(int64_t)D * D + d] : 0.f;
+  load_state_vector<DP>(sw, W, D, nthreads);
   for (int e = threadIdx.x; e < DP * DP / 2; e += nthreads) {
     const int i = e / (DP / 2);
     const int j = (e - i * (DP / 2)) * 2;  // D is even: a pair is inside or outside together
@@ -191,15 +191,14 @@ la_state_partial_tc_kernel(const T* __restrict__ x, int64_t sxb, int64_t sxh, in
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
   const int split = blockIdx.x;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
+  const HeadOf head(H);
+  const int64_t bh = head.bh, b = head.b, h = head.h;
   const int64_t DD = (int64_t)D * D;
   const T* xb = x + b * sxb + h * sxh;
   const T* yb = y + b * syb + h * syh;
   const T* ob = QS ? o + b * sob + h * soh : nullptr;
   if (QS) {
-    for (int d = tid; d < DP; d += NT) sM[d] = d < D ? state[bh * (DD + D) + DD + d] : 0.f;
+    load_state_vector<DP>(sM, head.state_row(state, D), D, NT);
   }
 
   const int64_t row_begin = (int64_t)split * rows_per_split;
@@ -398,11 +397,9 @@ la_fwd_out_tc_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t 
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* S = state + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* S = head.state_row(state, D);
   const T* qb = q + b * sqb + h * sqh;
   T* obase = o + b * sob + h * soh;
 
@@ -461,11 +458,9 @@ la_bwd_dq_tc_kernel(const T* __restrict__ q, int64_t sqb, int64_t sqh, int64_t s
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, gq = lane / 4, t = lane % 4;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* S = state + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* S = head.state_row(state, D);
 
   tc_load_state<T, DP>(sW, sM, S, D, kTcRowThreads);
   const int64_t first = (int64_t)blockIdx.x * tiles_per_cta * kTcRows;
@@ -522,11 +517,9 @@ la_bwd_dkv_tc_kernel(const T* __restrict__ k, int64_t skb, int64_t skh, int64_t 
 
   const int tid = threadIdx.x;
   const int warp = tid / 32, lane = tid % 32, gq = lane / 4, t = lane % 4;
-  const int64_t bh = blockIdx.y;
-  const int64_t b = bh / H;
-  const int64_t h = bh - b * H;
-  const int64_t DD = (int64_t)D * D;
-  const float* dS = dstate + bh * (DD + D);
+  const HeadOf head(H);
+  const int64_t b = head.b, h = head.h;
+  const float* dS = head.state_row(dstate, D);
 
   tc_load_state<T, DP>(sW, sDm, dS, D, kTcRowThreads);
   const int64_t first = (int64_t)blockIdx.x * tiles_per_cta * kTcRows;
